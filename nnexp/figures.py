@@ -1,0 +1,206 @@
+"""Figures with plotly: heatmaps with titles, axis labels and token labels.
+
+Every figure is written as HTML (plotly.js is written once per folder beside the
+files, so they open offline) and as PNG when kaleido finds a Chrome or Chromium to
+render with; without one, PNGs are skipped with a single note.
+
+Token labels: the x axis of a position heatmap is numeric with the tokens as tick
+text, because plotly merges repeated category labels (" to" appears twice in most
+IOI prompts). For averages over a group of examples, a position whose token differs
+between examples is labelled with its role (IO, S1, S2...) when the examples name
+their roles, and with "*" otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from .console import note
+
+_png_state = {"checked": False, "available": False}
+
+
+def token_label(token: str) -> str:
+    """A token as a tick label: visible whitespace, no line breaks."""
+    text = token.replace("\n", "\\n")
+    return text if text.strip() else repr(text)
+
+
+def heatmap(
+    values,
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    x_labels: list[str],
+    y_labels: list[str],
+    colorbar_title: str,
+    zmid: float | None = 0.0,
+) -> go.Figure:
+    z = [[None if v != v else v for v in row] for row in values.tolist()]  # NaN -> gap
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(len(x_labels))),
+            y=list(range(len(y_labels))),
+            colorscale="RdBu",
+            reversescale=True,  # positive = red, negative = blue
+            zmid=zmid,
+            colorbar={"title": {"text": colorbar_title}},
+            hovertemplate=f"{y_title}: %{{customdata[0]}}<br>{x_title}: %{{customdata[1]}}<br>value: %{{z:.3f}}<extra></extra>",
+            customdata=[[[y, x] for x in x_labels] for y in y_labels],
+        )
+    )
+    fig.update_layout(
+        title={"text": title},
+        xaxis={"title": {"text": x_title}, "tickmode": "array", "tickvals": list(range(len(x_labels))), "ticktext": x_labels},
+        yaxis={"title": {"text": y_title}, "tickmode": "array", "tickvals": list(range(len(y_labels))), "ticktext": y_labels, "autorange": "reversed"},
+        width=max(520, 60 + 42 * len(x_labels)),
+        height=max(420, 160 + 18 * len(y_labels)),
+        template="plotly_white",
+    )
+    return fig
+
+
+def png_available() -> bool:
+    """Whether kaleido can render PNGs here (it needs Chrome or Chromium)."""
+    if not _png_state["checked"]:
+        _png_state["checked"] = True
+        try:
+            import kaleido  # noqa: F401
+            from choreographer.browsers.chromium import Chromium
+
+            _png_state["available"] = Chromium.find_browser(skip_local=False) is not None
+        except Exception:  # noqa: BLE001 - any failure to find one means no renderer
+            _png_state["available"] = False
+        if not _png_state["available"]:
+            note(
+                "PNG figures skipped: kaleido needs a Chrome or Chromium browser (apt install chromium, "
+                "or plotly_get_chrome); HTML figures are written"
+            )
+    return _png_state["available"]
+
+
+def write_figures(figures: list[tuple[go.Figure, Path]], png: bool | None = None) -> list[Path]:
+    """Write each figure to `<path>.html`, and `<path>.png` when a renderer is available."""
+    written = []
+    for fig, path in figures:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        html = path.with_suffix(".html")
+        # "directory": the page loads plotly.min.js from its own folder (written once),
+        # so figures open without a network and without 4 MB of JavaScript each.
+        fig.write_html(str(html), include_plotlyjs="directory", full_html=True)
+        written.append(html)
+    if figures and (png if png is not None else png_available()):
+        import plotly.io as pio
+
+        pngs = [path.with_suffix(".png") for _, path in figures]
+        try:
+            pio.write_images([fig for fig, _ in figures], [str(p) for p in pngs])
+            written += pngs
+        except Exception as error:  # noqa: BLE001 - a renderer failure must not lose the run
+            note(f"PNG figures skipped: rendering failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    return written
+
+
+# -- patching figures -----------------------------------------------------------------
+
+_SITE_TITLES = {
+    "resid_pre": "residual stream (block input)",
+    "resid_post": "residual stream (block output)",
+    "attn_out": "attention output",
+    "mlp_out": "MLP output",
+    "head_out": "attention head output",
+}
+
+
+def group_position_labels(records) -> list[str]:
+    """Tick labels for positions shared by a group of same-length examples."""
+    columns = list(zip(*[record.tokens for record in records]))
+    role_names = [_roles_by_position(record) for record in records]
+    labels = []
+    for position, tokens in enumerate(columns):
+        if len(set(tokens)) == 1:
+            labels.append(f"{token_label(tokens[0])}")
+            continue
+        roles = {names.get(position) for names in role_names}
+        labels.append(f"[{roles.pop()}]" if len(roles) == 1 and None not in roles else "*")
+    return labels
+
+
+def _roles_by_position(record) -> dict[int, str]:
+    """Position -> role label from the example's declared roles: a role mentioned once
+    keeps its name ("IO"), one mentioned several times is numbered ("S1", "S2")."""
+    roles = record.info.get("roles") or {}
+    out: dict[int, str] = {}
+    for role, word in roles.items():
+        positions = [p for p, token in enumerate(record.tokens) if token.strip() and token.strip() == word.strip()]
+        for k, position in enumerate(positions):
+            out[position] = role if len(positions) == 1 else f"{role}{k + 1}"
+    return out
+
+
+def _axis_labels(tensor, dim: str, tokens: list[str]) -> list[str]:
+    labels = tensor.labels(dim)
+    if dim == "position":
+        return [f"{token_label(tokens[p])}" if p < len(tokens) else str(p) for p in labels]
+    if dim == "head":
+        return [f"H{h}" for h in labels]
+    return [f"L{l}" for l in labels]
+
+
+def _site_figure(experiment, tensor, site: str, tokens: list[str], title_suffix: str, model: str) -> go.Figure:
+    metric = experiment.metric
+    what = _SITE_TITLES.get(site, site)
+    colorbar = "normalised effect"
+    subtitle = f"{experiment.name or type(experiment).__name__} · {model} · {what} · {title_suffix}"
+    dims = tensor.dims
+    if dims == ("layer", "position"):
+        return heatmap(tensor.values, title=f"Patching {what}: effect on {metric}<br><sup>{subtitle}</sup>",
+                       x_title="position (token)", y_title="layer", x_labels=_axis_labels(tensor, "position", tokens),
+                       y_labels=_axis_labels(tensor, "layer", tokens), colorbar_title=colorbar)
+    if dims == ("layer", "head"):
+        return heatmap(tensor.values, title=f"Patching each head (all positions): effect on {metric}<br><sup>{subtitle}</sup>",
+                       x_title="head", y_title="layer", x_labels=_axis_labels(tensor, "head", tokens),
+                       y_labels=_axis_labels(tensor, "layer", tokens), colorbar_title=colorbar)
+    if dims == ("layer", "head", "position"):
+        values = tensor.values.flatten(0, 1)
+        rows = [f"L{l}H{h}" for l in tensor.labels("layer") for h in tensor.labels("head")]
+        return heatmap(values, title=f"Patching each head at each position: effect on {metric}<br><sup>{subtitle}</sup>",
+                       x_title="position (token)", y_title="layer and head", x_labels=_axis_labels(tensor, "position", tokens),
+                       y_labels=rows, colorbar_title=colorbar)
+    if dims == ("layer",):
+        return heatmap(tensor.values.unsqueeze(1), title=f"Patching {what} at all positions: effect on {metric}<br><sup>{subtitle}</sup>",
+                       x_title="all positions", y_title="layer", x_labels=["all"],
+                       y_labels=_axis_labels(tensor, "layer", tokens), colorbar_title=colorbar)
+    raise ValueError(f"no figure for axes {dims}")
+
+
+def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
+    """Per-example heatmaps (first `max_examples` examples) and per-group averages."""
+    model = results.spec["model"]["name"]
+    figures = []
+    for record in results.records[:max_examples]:
+        prompt = record.info.get("clean", "")
+        for site in experiment.sites:
+            suffix = f"example {record.index}: {prompt!r}"
+            fig = _site_figure(experiment, record[site], site, record.tokens, suffix, model)
+            figures.append((fig, out_dir / f"example-{record.index:04d}" / site))
+    for key, records in results.groups().items():
+        labels = group_position_labels(records)
+        slug = "".join(c if c.isalnum() else "-" for c in key).strip("-")
+        for site in experiment.sites:
+            mean = results.stack(site, records).mean("example")
+            suffix = f"mean over {len(records)} example(s) of group {key}"
+            fig = _site_figure(experiment, mean, site, labels, suffix, model)
+            figures.append((fig, out_dir / f"mean-{slug}" / site))
+    for site in experiment.sites:
+        # Layer x head maps have no position axis, so every example can be averaged.
+        shapes = {tuple(r[site].shape) for r in results.records}
+        if results.records and len(shapes) == 1 and "position" not in results.records[0][site].dims:
+            mean = results.stack(site).mean("example")
+            fig = _site_figure(experiment, mean, site, [], f"mean over all {len(results)} examples", model)
+            figures.append((fig, out_dir / "mean-all" / site))
+    return write_figures(figures)

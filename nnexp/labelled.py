@@ -1,0 +1,66 @@
+"""Labelled tensors: a torch tensor with named axes and labels along them.
+
+Results come back as `LabelledTensor`s so that code reads `effect.sel(layer=12)`
+rather than remembering that axis 0 is the layer. Axis names used by nnexp:
+"example", "layer", "position", "head".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LabelledTensor:
+    values: torch.Tensor
+    dims: tuple[str, ...]
+    coords: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dims = tuple(self.dims)
+        if self.values.dim() != len(self.dims):
+            raise ValueError(f"{self.values.dim()}-d tensor given {len(self.dims)} axis names {self.dims}")
+        for dim, labels in self.coords.items():
+            if dim not in self.dims:
+                raise ValueError(f"labels given for {dim!r}, which is not an axis of {self.dims}")
+            size = self.values.shape[self.dims.index(dim)]
+            if len(labels) != size:
+                raise ValueError(f"axis {dim!r} has {size} entries but {len(labels)} labels")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def axis(self, dim: str) -> int:
+        if dim not in self.dims:
+            raise KeyError(f"no axis {dim!r}; axes are {self.dims}")
+        return self.dims.index(dim)
+
+    def labels(self, dim: str) -> list:
+        return list(self.coords.get(dim, range(self.values.shape[self.axis(dim)])))
+
+    def sel(self, **selection) -> "LabelledTensor":
+        """Select by label along named axes, e.g. `t.sel(layer=3)` drops the layer axis."""
+        values, dims, coords = self.values, list(self.dims), dict(self.coords)
+        for dim, label in selection.items():
+            labels = self.labels(dim)
+            if label not in labels:
+                raise KeyError(f"{label!r} is not a label of axis {dim!r}: {labels}")
+            values = values.select(dims.index(dim), labels.index(label))
+            dims.remove(dim)
+            coords.pop(dim, None)
+        return LabelledTensor(values, tuple(dims), coords)
+
+    def mean(self, dim: str) -> "LabelledTensor":
+        axis = self.axis(dim)
+        return LabelledTensor(
+            self.values.mean(axis),
+            self.dims[:axis] + self.dims[axis + 1 :],
+            {k: v for k, v in self.coords.items() if k != dim},
+        )
+
+    def __repr__(self) -> str:
+        axes = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.values.shape))
+        return f"LabelledTensor({axes}, dtype={self.values.dtype})"

@@ -1,0 +1,71 @@
+"""Metrics: one number per run, computed inside the trace from last-position logits.
+
+A metric takes the logits at the last position, [rows, vocab], and the answer and
+foil token ids, [rows], and returns [rows]. Only that vector leaves the trace, so a
+sweep of thousands of patched runs ships a few kilobytes, not the logits.
+
+Add one with `@register_metric("name", "what it measures")`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    description: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, description: str):
+    def decorator(fn):
+        METRICS[name] = Metric(name, description, fn)
+        return fn
+
+    return decorator
+
+
+def get_metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise ConfigError(f"unknown metric {name!r}; available metrics: {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def _pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@register_metric("logit_diff", "logit(answer) - logit(foil) at the last position")
+def logit_diff(logits, answer, foil):
+    return _pick(logits, answer) - _pick(logits, foil)
+
+
+@register_metric("logit", "logit(answer) at the last position")
+def logit(logits, answer, foil):
+    return _pick(logits, answer)
+
+
+@register_metric("log_prob", "log p(answer) at the last position")
+def log_prob(logits, answer, foil):
+    return _pick(torch.log_softmax(logits, dim=-1), answer)
+
+
+@register_metric("prob", "p(answer) at the last position")
+def prob(logits, answer, foil):
+    return _pick(torch.softmax(logits, dim=-1), answer)
+
+
+@register_metric("prob_diff", "p(answer) - p(foil) at the last position")
+def prob_diff(logits, answer, foil):
+    probs = torch.softmax(logits, dim=-1)
+    return _pick(probs, answer) - _pick(probs, foil)

@@ -1,0 +1,182 @@
+"""`load_model`: a hub id, a local folder or a built-in alias, ready to trace.
+
+The result is a `Model`: the Hugging Face model and tokenizer, the nnsight wrapper
+that traces them, and the resolved `Architecture` that says where everything lives.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .aliases import ALIASES, alias_folder
+from .architectures import Architecture
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# A Hugging Face repo id: "name" or "owner/name" of letters, digits, "-", "_", ".".
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass
+class Model:
+    """A loaded causal LM, with what nnexp needs to trace it.
+
+    Attributes:
+        name: short name used in results paths (the alias, the repo id, or the folder name).
+        source: where it came from: {"kind": "alias" | "hub" | "folder", ...}.
+        hf: the Hugging Face `*ForCausalLM` module, in eval mode.
+        tokenizer: its tokenizer (nnsight sets left padding and a pad token).
+        nn: the nnsight `TransformersModel` wrapping `hf`.
+        arch: the resolved architecture (module paths, layer and head counts).
+    """
+
+    name: str
+    source: dict
+    hf: torch.nn.Module
+    tokenizer: object
+    nn: object
+    arch: Architecture
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def describe(self) -> dict:
+        """What a results spec records about the model (enough to load it again)."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "class": type(self.hf).__name__,
+            "attn_implementation": getattr(self.hf.config, "_attn_implementation", None),
+            **self.arch.describe(),
+        }
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+    return DTYPES[key]
+
+
+def _placement(device: str | None) -> dict:
+    """from_pretrained arguments for a device choice: cpu, cuda, cuda:N or auto."""
+    device = (device or "cpu").lower()
+    if device == "auto":
+        # Shard across every visible GPU when there is one; otherwise stay on the CPU.
+        return {"device_map": "auto"} if torch.cuda.is_available() else {}
+    if device == "cpu":
+        return {}
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(
+                f"device {device!r} asked for, but this machine has no CUDA GPU visible to torch; "
+                "use --device cpu (or auto)"
+            )
+        return {"device_map": {"": device}}
+    raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+
+
+def wrap_model(hf_model, tokenizer, name: str, source: dict) -> Model:
+    """Wrap an already-built HF causal LM and its tokenizer for nnexp (no download)."""
+    from nnsight import TransformersModel
+
+    arch = Architecture(hf_model)  # raises a clear error for an unsupported family
+    hf_model.eval()
+    _check_bos(tokenizer, arch.model_type, name)
+    nn = TransformersModel(hf_model, tokenizer=tokenizer)
+    return Model(name=name, source=source, hf=hf_model, tokenizer=tokenizer, nn=nn, arch=arch)
+
+
+def _check_bos(tokenizer, model_type: str, name: str) -> None:
+    # Gemma is trained with <bos> first. transformers releases before 5.23 build a
+    # Gemma tokenizer from GGUF that silently drops it, and Gemma then gets simple
+    # tasks wrong; refuse such a tokenizer rather than report wrong numbers.
+    if not model_type.startswith("gemma"):
+        return
+    ids = tokenizer("x").input_ids
+    if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id:
+        raise ModelError(
+            f"the tokenizer of {name} does not add <bos>, which Gemma models need; upgrade "
+            "transformers to 5.23 or later and delete the cached folder so it is converted again"
+        )
+
+
+def load_model(
+    name_or_path: str,
+    device: str | None = "cpu",
+    dtype="float32",
+    attn_implementation: str | None = None,
+) -> Model:
+    """Load a causal LM by built-in alias, local folder, or Hugging Face Hub id.
+
+    Args:
+        name_or_path: an alias (`nnexp list` shows them), a folder holding a saved
+            HF model and tokenizer, or a hub repo id such as "openai-community/gpt2".
+        device: "cpu", "cuda", "cuda:N", or "auto" (shard across GPUs when present).
+        dtype: "float32" (default), "float16" or "bfloat16".
+        attn_implementation: passed to transformers ("eager", "sdpa"); None keeps its default.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    placement = _placement(device)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+    if name_or_path in ALIASES:
+        path = alias_folder(name_or_path)
+        name, source = name_or_path, {"kind": "alias", "alias": name_or_path}
+    elif Path(name_or_path).expanduser().is_dir():
+        path = Path(name_or_path).expanduser().resolve()
+        name, source = path.name, {"kind": "folder", "path": str(path)}
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"folder {path} has no config.json, so it is not a saved Hugging Face model; "
+                "save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
+            )
+    elif _REPO_ID.match(name_or_path):
+        path = name_or_path
+        name, source = name_or_path.replace("/", "--"), {"kind": "hub", "repo_id": name_or_path}
+    else:
+        raise ModelError(
+            f"unknown model {name_or_path!r}: not a built-in alias ({', '.join(ALIASES)}), "
+            "not an existing folder, and not a Hugging Face repo id (owner/name)"
+        )
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **extra)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if source["kind"] == "hub":
+            raise ModelError(
+                f"could not load model {name_or_path!r}: it is not a built-in alias "
+                f"({', '.join(ALIASES)}) or a local folder, and the Hugging Face Hub could not "
+                f"provide it ({first_line}); check the id and the network, or pass a local folder"
+            ) from None
+        raise ModelError(f"could not load model from {path}: {first_line}") from None
+
+    if "device_map" not in placement and str(device or "cpu").lower() not in ("cpu", "auto"):
+        hf_model.to(device)
+    return wrap_model(hf_model, tokenizer, name, source)

@@ -1,0 +1,95 @@
+"""Results in memory: per-example records of labelled tensors, and views across examples.
+
+`nnexp.load_results(dir)` returns a `Results`; each stored example is an
+`ExampleRecord` holding its labelled tensors (e.g. "resid_post": layer x position),
+its scalars (e.g. the clean and corrupted metric) and its info (prompts, tokens,
+answer, foil). Examples that share a group and a token count can be stacked into
+one tensor with an "example" axis and averaged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ResultsError
+from .labelled import LabelledTensor
+
+
+@dataclass
+class ExampleRecord:
+    index: int
+    tensors: dict[str, LabelledTensor] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> LabelledTensor:
+        if name not in self.tensors:
+            raise KeyError(f"example {self.index} has no tensor {name!r}; it has {sorted(self.tensors)}")
+        return self.tensors[name]
+
+    @property
+    def tokens(self) -> list[str]:
+        return list(self.info.get("tokens", []))
+
+    @property
+    def group(self) -> str:
+        """Examples are comparable position by position when they share this key."""
+        group = self.info.get("group") or "all"
+        return f"{group} ({len(self.tokens)} tokens)" if self.tokens else group
+
+
+class Results:
+    """Everything stored for one run: its spec and one record per finished example."""
+
+    def __init__(self, path: Path, spec: dict, records: list[ExampleRecord]) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.records = sorted(records, key=lambda r: r.index)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> ExampleRecord:
+        return self.records[i]
+
+    def __repr__(self) -> str:
+        return f"Results({self.spec.get('experiment', {}).get('name')!r}, {len(self)} examples, {self.path})"
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.records[0].tensors) if self.records else []
+
+    def groups(self) -> dict[str, list[ExampleRecord]]:
+        """Records grouped by `ExampleRecord.group` (same group label and token count)."""
+        out: dict[str, list[ExampleRecord]] = defaultdict(list)
+        for record in self.records:
+            out[record.group].append(record)
+        return dict(out)
+
+    def stack(self, name: str, records: list[ExampleRecord] | None = None) -> LabelledTensor:
+        """One tensor with a leading "example" axis; the records must have equal shapes."""
+        records = self.records if records is None else records
+        if not records:
+            raise ResultsError(f"no examples to stack in {self.path}")
+        first = records[0][name]
+        for record in records[1:]:
+            if record[name].shape != first.shape:
+                raise ResultsError(
+                    f"cannot stack {name!r}: example {records[0].index} has shape {tuple(first.shape)} "
+                    f"but example {record.index} has {tuple(record[name].shape)} (different token "
+                    "counts); stack one group at a time: results.stack(name, results.groups()[key])"
+                )
+        values = torch.stack([record[name].values for record in records])
+        coords = dict(first.coords)
+        coords["example"] = [record.index for record in records]
+        return LabelledTensor(values, ("example",) + first.dims, coords)
+
+    def scalar(self, name: str) -> torch.Tensor:
+        return torch.tensor([record.scalars[name] for record in self.records])

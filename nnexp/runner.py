@@ -1,0 +1,127 @@
+"""`run`: examples -> tokens -> trace plans -> traces -> stored results -> figures.
+
+The runner is the same for every experiment kind. It validates all examples before
+computing anything (bad data fails in seconds, not after an hour), skips examples
+already stored in the run directory, runs the rest in chunks with a progress bar,
+stores each example the moment its chunk finishes, and draws figures at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+from pathlib import Path
+
+from .console import note, progress
+from .errors import ConfigError
+from .experiment import Experiment
+from .models import Model, load_model
+from .models.aliases import DEFAULT_MODEL
+from .results import Results
+from .store import FORMAT, RunDirectory, load_results, run_id
+
+DEFAULT_RESULTS_ROOT = Path("results")
+
+
+def _versions() -> dict:
+    out = {}
+    for package in ("nnexp", "nnsight", "torch", "transformers"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def build_spec(experiment: Experiment, model: Model, n_examples: int, options: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "experiment": experiment.spec(),
+        "model": model.describe(),
+        "data": {**experiment.data_source(), "n_examples": n_examples},
+        "run": {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            **options,
+        },
+    }
+
+
+def default_run_dir(spec: dict, root: Path = DEFAULT_RESULTS_ROOT) -> Path:
+    return Path(root) / spec["experiment"]["name"] / spec["model"]["name"] / run_id(spec)
+
+
+def run(
+    experiment: Experiment,
+    model: Model | str = DEFAULT_MODEL,
+    *,
+    out: str | Path | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    examples_per_trace: int = 1,
+    max_rows: int | None = None,
+    figures: bool = True,
+) -> Results:
+    """Run `experiment` on `model` and store the results; returns them loaded.
+
+    Args:
+        experiment: an experiment instance (e.g. `IOIPatching()`).
+        model: a loaded `Model`, or a name for `load_model` (alias, folder or hub id).
+        out: results directory; default `results/<experiment>/<model>/<run>/`, where
+            <run> is derived from the parameters, so rerunning resumes.
+        limit: compute only the first `limit` examples.
+        device, dtype: used when `model` is a name.
+        examples_per_trace: how many examples share one batched trace.
+        max_rows: split any trace with more rows than this (memory bound).
+        figures: draw figures when the run completes.
+    """
+    if examples_per_trace < 1:
+        raise ConfigError(f"examples_per_trace is {examples_per_trace}; it must be at least 1")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit is {limit}; give a positive number of examples")
+    if isinstance(model, str):
+        model = load_model(model, device=device, dtype=dtype)
+    examples = experiment.examples()
+    total = len(examples)
+    if limit is not None:
+        examples = examples[:limit]
+
+    compiled = experiment.compile(model)  # validates sites/layers/heads against the model
+    items = [compiled.prepare(example, index) for index, example in enumerate(examples)]
+
+    options = {"examples_per_trace": examples_per_trace, "max_rows": max_rows}
+    spec = build_spec(experiment, model, total, options)
+    directory = RunDirectory(out if out is not None else default_run_dir(spec))
+    directory.open(spec)
+    done = directory.done()
+    pending = [item for item in items if item.pair.index not in done]
+    if done:
+        note(f"resuming {directory.path}: {len(items) - len(pending)} of {len(items)} examples already stored")
+    else:
+        note(f"writing results to {directory.path}")
+
+    bar = progress(total=len(items), initial=len(items) - len(pending), desc=experiment.name or "run")
+    try:
+        for start in range(0, len(pending), examples_per_trace):
+            chunk = pending[start : start + examples_per_trace]
+            for record in compiled.run(chunk, max_rows=max_rows):
+                directory.write_example(record)
+            bar.update(len(chunk))
+    except BaseException as error:
+        # Whatever stopped the run (Ctrl-C, out of memory, a bad example), every
+        # finished example is already on disk; say so and how to continue.
+        bar.close()
+        stored = len(directory.done())
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
+        note(f"{what}: {stored} examples are stored in {directory.path}; run the same command again to resume")
+        raise
+    bar.close()
+
+    results = load_results(directory.path)
+    directory.write_index(results.records)
+    if figures:
+        written = experiment.figures(results, directory.figures_dir)
+        if written:
+            note(f"wrote {len(written)} figure files to {directory.figures_dir}")
+    return results

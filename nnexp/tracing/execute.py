@@ -1,0 +1,42 @@
+"""Run a `TracePlan` as one nnsight trace: the only trace code in nnexp.
+
+nnsight 0.8 runs the body of `with model.trace(...)` as ordinary Python in a worker
+interleaved with the real forward pass: reading `envoy.output` waits until that
+module has run and returns the live tensor, which can be edited in place before the
+model continues. The body below walks the plan's hook points in forward order
+(nnsight requires that order within one invoke), applies each point's edits to the
+whole batch, and finally reduces the last-position logits to one metric per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..metrics import get_metric
+from .plan import TracePlan
+
+
+def run_plan(model, plan: TracePlan) -> torch.Tensor:
+    """Execute `plan` on `model` (an `nnexp.models.Model`); return the metric per row, on CPU."""
+    metric = get_metric(plan.metric).fn
+    device = model.device
+    nn = model.nn
+    edits = [(point, [edit.to(device) for edit in point_edits]) for point, point_edits in plan.edits]
+    answer = plan.answer_ids.to(device)
+    foil = plan.foil_ids.to(device)
+    inputs = {"attention_mask": plan.attention_mask.to(device)}
+    position_ids = plan.position_ids
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids.to(device)
+
+    with torch.no_grad():
+        with nn.trace(plan.input_ids.to(device), **inputs, use_cache=False, logits_to_keep=1):
+            for point, point_edits in edits:
+                envoy = nn.get(point.module)
+                value = envoy.output if point.io == "output" else envoy.input
+                tensor = value if point.index is None else value[point.index]
+                for edit in point_edits:
+                    edit.apply(tensor, point)
+            logits = nn.output.logits[:, -1, :].float()
+            values = metric(logits, answer, foil).cpu().save()
+    return values

@@ -1,0 +1,108 @@
+"""A trace plan: everything one batched forward pass must do, as plain data.
+
+Experiments never write trace code. They compile what they want into a `TracePlan`:
+
+* the rows of one batch (token ids, left-padded, with attention mask and positions);
+* for each hook point the forward pass reaches (in the order it reaches them), the
+  edits to apply to that tensor, vectorised over rows;
+* the metric to compute from the last-position logits of every row.
+
+`nnexp.tracing.execute.run_plan` runs a plan as ONE nnsight trace. Because a plan is
+tensors and small dataclasses, it can be built, inspected and tested without a
+model, and the same plan can travel to a remote executor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sites import HookPoint
+
+
+@dataclass
+class CopyRows:
+    """Copy activations from source rows into target rows, entry by entry.
+
+    Entry i copies `x[source_rows[i], positions[i]]` into `x[target_rows[i], positions[i]]`,
+    restricted to head `heads[i]`'s slice of the last dimension when `heads` is given.
+    This is activation patching: the source is the clean run, the target a copy of
+    the corrupted run, at the same hook point of the same forward pass.
+    """
+
+    target_rows: torch.Tensor
+    source_rows: torch.Tensor
+    positions: torch.Tensor
+    heads: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor, point: HookPoint) -> None:
+        if self.heads is None:
+            x[self.target_rows, self.positions] = x[self.source_rows, self.positions]
+            return
+        # Head h of a "concat" layout owns columns h*d:(h+1)*d. Index columns rather
+        # than viewing [.., heads, d], which needs a contiguous tensor.
+        head_dim = x.shape[-1] // point.n_heads
+        columns = self.heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=x.device)
+        rows_t = self.target_rows.unsqueeze(1)
+        rows_s = self.source_rows.unsqueeze(1)
+        positions = self.positions.unsqueeze(1)
+        x[rows_t, positions, columns] = x[rows_s, positions, columns]
+
+    def to(self, device) -> "CopyRows":
+        return CopyRows(
+            self.target_rows.to(device),
+            self.source_rows.to(device),
+            self.positions.to(device),
+            None if self.heads is None else self.heads.to(device),
+        )
+
+
+@dataclass
+class TracePlan:
+    """One batched forward pass and its edits.
+
+    Attributes:
+        input_ids: [rows, tokens], left-padded.
+        attention_mask: [rows, tokens], 0 on padding.
+        edits: (hook point, edits) pairs sorted in forward order.
+        metric: name of the metric in `nnexp.metrics`.
+        answer_ids, foil_ids: [rows] token ids the metric compares.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    edits: list[tuple[HookPoint, list[CopyRows]]] = field(default_factory=list)
+    metric: str = "logit_diff"
+    answer_ids: torch.Tensor | None = None
+    foil_ids: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def position_ids(self) -> torch.Tensor | None:
+        """Positions counted from each row's first real token (None without padding)."""
+        if bool(self.attention_mask.all()):
+            return None
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Left-pad token id lists into [rows, width]; also return each row's pad offset."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    offsets = []
+    for row, seq in enumerate(sequences):
+        offset = width - len(seq)
+        ids[row, offset:] = torch.tensor(seq, dtype=torch.long)
+        mask[row, offset:] = 1
+        offsets.append(offset)
+    return ids, mask, offsets
+
+
+def group_edits(entries: dict[HookPoint, list[CopyRows]]) -> list[tuple[HookPoint, list[CopyRows]]]:
+    """Hook points in the order the forward pass computes them."""
+    return sorted(entries.items(), key=lambda item: item[0].order)

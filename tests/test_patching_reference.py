@@ -1,0 +1,119 @@
+"""nnexp's patching numbers against the independent plain-hook implementation.
+
+Every patched value, on small random GPT-2 and Llama models, for every site and the
+position/head options, single and batched (padded) traces, split traces: max abs
+difference <= 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments.ioi import generate_ioi, ioi_pair
+from nnexp import PatchingExperiment, PromptPair
+from tests.reference import patching_sweep
+
+ALL_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
+TOL = 1e-4
+
+
+def nnexp_records(model, experiment, examples, max_rows=None, per_trace=None):
+    compiled = experiment.compile(model)
+    items = [compiled.prepare(example, i) for i, example in enumerate(examples)]
+    per_trace = per_trace or len(items)
+    records = []
+    for start in range(0, len(items), per_trace):
+        records += compiled.run(items[start : start + per_trace], max_rows=max_rows)
+    return records
+
+
+def check_against_reference(model, experiment, examples, **run_options):
+    records = nnexp_records(model, experiment, examples, **run_options)
+    compiled = experiment.compile(model)
+    worst = 0.0
+    for record, example in zip(records, examples):
+        pair = compiled.prepare(example, record.index).pair
+        ref = patching_sweep(
+            model.hf, pair.clean_ids, pair.corrupted_ids, pair.answer_id, pair.foil_id,
+            sites=experiment.sites, layers=compiled.layers, heads=compiled.heads,
+            positions=experiment.positions, head_positions=experiment.head_positions,
+            metric=experiment.metric,
+        )
+        assert abs(record.scalars["clean"] - ref["clean"]) <= TOL
+        assert abs(record.scalars["corrupted"] - ref["corrupted"]) <= TOL
+        for site in experiment.sites:
+            ours = record[f"{site}.patched"].values
+            assert ours.shape == ref[site].shape, (site, ours.shape, ref[site].shape)
+            diff = (ours - ref[site]).abs().max().item()
+            worst = max(worst, diff)
+            assert diff <= TOL, f"{site}: max abs diff {diff}"
+            # the normalised effect is (patched - corrupted) / (clean - corrupted) of those numbers
+            clean, corrupted = record.scalars["clean"], record.scalars["corrupted"]
+            if abs(clean - corrupted) < 1e-6:  # undefined: nnexp reports NaN
+                expected = torch.full_like(ours, float("nan"))
+            else:
+                expected = (ours - corrupted) / (clean - corrupted)
+            assert torch.allclose(record[site].values, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return records, worst
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny"])
+def test_every_site_matches_plain_hooks(fixture, request):
+    model = request.getfixturevalue(fixture)
+    experiment = PatchingExperiment(sites=ALL_SITES)
+    examples = [ioi_pair("store", "John", "Mary", io_first=True)]
+    records, worst = check_against_reference(model, experiment, examples)
+    # the patched values really vary (a broken patch would leave every cell = corrupted)
+    values = records[0]["resid_post.patched"].values
+    assert values.std() > 1e-3
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny"])
+def test_batched_examples_of_different_lengths_match(fixture, request):
+    """Several examples of different token lengths share one left-padded trace."""
+    model = request.getfixturevalue(fixture)
+    experiment = PatchingExperiment(sites=("resid_post", "head_out"), layers=(0, -1))
+    examples = generate_ioi(4, seed=3)
+    lengths = {len(model.tokenizer(e.clean).input_ids) for e in examples}
+    assert len(lengths) > 1, "the examples should need padding"
+    check_against_reference(model, experiment, examples, per_trace=4)
+
+
+def test_split_traces_equal_one_trace(gpt2_tiny):
+    experiment = PatchingExperiment(sites=("resid_post", "mlp_out", "head_out"))
+    examples = generate_ioi(3, seed=1)
+    whole = nnexp_records(gpt2_tiny, experiment, examples, per_trace=3)
+    split = nnexp_records(gpt2_tiny, experiment, examples, per_trace=3, max_rows=7)
+    for a, b in zip(whole, split):
+        # Different batch composition (and padding) moves float32 results by rounding only.
+        for site in experiment.sites:
+            assert torch.allclose(a[f"{site}.patched"].values, b[f"{site}.patched"].values, atol=1e-5), site
+    check_against_reference(gpt2_tiny, experiment, examples, max_rows=7)
+
+
+def test_position_and_head_options(llama_tiny):
+    experiment = PatchingExperiment(
+        sites=("attn_out", "head_out"), positions=[0, -1, 9], head_positions="each",
+        layers=(1, 2), heads=(3, 0),
+    )
+    records, _ = check_against_reference(llama_tiny, experiment, [ioi_pair("park", "Tom", "James", io_first=False)])
+    assert records[0]["head_out"].dims == ("layer", "head", "position")
+    assert records[0]["head_out"].coords["head"] == [3, 0]
+    experiment = PatchingExperiment(sites=("resid_pre", "mlp_out"), positions="all", head_positions="all")
+    records, _ = check_against_reference(llama_tiny, experiment, [ioi_pair("park", "Tom", "James", io_first=False)])
+    assert records[0]["mlp_out"].dims == ("layer",)
+
+
+@pytest.mark.parametrize("metric", ["logit", "log_prob", "prob", "prob_diff"])
+def test_metrics(gpt2_tiny, metric):
+    experiment = PatchingExperiment(sites=("resid_post",), layers=(1,), metric=metric)
+    check_against_reference(gpt2_tiny, experiment, [ioi_pair("shops", "Dan", "Sid", io_first=True)])
+
+
+def test_patching_identical_prompts_gives_nan_effect_not_a_number(gpt2_tiny):
+    """clean == corrupted: the normalised effect is undefined and says so (NaN), raw values stay."""
+    pair = PromptPair(clean="When Tom and James went", corrupted="When Tom and James went", answer=" to", foil=" home")
+    records = nnexp_records(gpt2_tiny, PatchingExperiment(sites=("resid_post",)), [pair])
+    assert torch.isnan(records[0]["resid_post"].values).all()
+    assert torch.isfinite(records[0]["resid_post.patched"].values).all()
