@@ -14,6 +14,12 @@ Per cell the result is the metric of the patched run and the normalised effect
 
 which is 0 where patching changes nothing and 1 where it restores the clean metric.
 
+Shared prefix: where clean and corrupted prompts begin with the same tokens, every
+activation at those positions is identical in the two runs (attention is causal), so
+patching a cell that lies entirely in the shared prefix is exactly a no-op. Such
+cells are not run; their patched value is the corrupted run's metric (effect 0).
+Set `skip_shared_prefix=False` to run them anyway.
+
 Positions: "each" patches every position separately (a layer x position map), "all"
 patches every position at once (one value per layer or per head), a list of integers
 patches those positions separately (negative counts from the end). Head sites use
@@ -62,6 +68,8 @@ class PatchingExperiment(Experiment):
         layers: layers to sweep (None = all; negative counts from the end).
         heads: heads to sweep for head sites (None = all).
         metric: a metric from `nnexp.metrics` (default logit(answer) - logit(foil)).
+        skip_shared_prefix: do not run cells wholly inside the tokens that clean and
+            corrupted share at the start (exact no-ops under causal attention).
     """
 
     sites: tuple = ("resid_post",)
@@ -70,6 +78,7 @@ class PatchingExperiment(Experiment):
     layers: tuple | None = None
     heads: tuple | None = None
     metric: str = "logit_diff"
+    skip_shared_prefix: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.sites, str):
@@ -88,7 +97,7 @@ class PatchingExperiment(Experiment):
     def read_data_file(self, path: str) -> list[PromptPair]:
         return load_prompt_pairs(path)
 
-    def compile(self, model) -> "CompiledPatching":
+    def compile(self, model) -> CompiledPatching:
         return CompiledPatching(self, model)
 
     def figures(self, results, out_dir: Path) -> list[Path]:
@@ -106,6 +115,7 @@ class _Cell:
     layer: int
     positions: list[int]  # token positions (unpadded) patched in this run
     head: int | None
+    needs_run: bool = True  # False: inside the shared prefix, equal to the corrupted run
 
 
 @dataclass
@@ -117,8 +127,8 @@ class _Item:
     axes: dict[str, tuple[tuple[str, ...], dict[str, list]]]  # site -> (dims, coords)
 
     @property
-    def n_rows(self) -> int:
-        return 2 + len(self.cells)
+    def run_cells(self) -> list[int]:
+        return [i for i, cell in enumerate(self.cells) if cell.needs_run]
 
 
 class CompiledPatching:
@@ -142,6 +152,9 @@ class CompiledPatching:
         cells: list[_Cell] = []
         axes = {}
         n = pair.n_tokens
+        shared = next((p for p, (a, b) in enumerate(zip(pair.clean_ids, pair.corrupted_ids)) if a != b), n)
+        if not self.experiment.skip_shared_prefix:
+            shared = 0
         for site in self.experiment.sites:
             is_head = site in HEAD_SITES
             spec = self.experiment.head_positions if is_head else self.experiment.positions
@@ -164,7 +177,7 @@ class CompiledPatching:
                 for hi, head in enumerate(self.heads if is_head else [None]):
                     for pi, positions in enumerate(groups):
                         key = (li,) + ((hi,) if is_head else ()) + ((pi,) if position_labels is not None else ())
-                        cells.append(_Cell(site, key, layer, positions, head))
+                        cells.append(_Cell(site, key, layer, positions, head, needs_run=max(positions) >= shared))
         return _Item(pair, cells, axes)
 
     @staticmethod
@@ -192,7 +205,14 @@ class CompiledPatching:
                 for offset, cell_id in enumerate(cell_ids):
                     patched[item.pair.index][cell_id] = float(values[row + 2 + offset])
                 row += 2 + len(cell_ids)
-        return [self._record(item, clean[item.pair.index], corrupted[item.pair.index], patched[item.pair.index]) for item in items]
+        records = []
+        for item in items:
+            index = item.pair.index
+            for cell_id, cell in enumerate(item.cells):
+                if not cell.needs_run:
+                    patched[index][cell_id] = corrupted[index]
+            records.append(self._record(item, clean[index], corrupted[index], patched[index]))
+        return records
 
     def _plan(self, trace: list[tuple[_Item, list[int]]]) -> TracePlan:
         sequences, answer, foil = [], [], []
@@ -274,8 +294,8 @@ def _pack(items: list[_Item], max_rows: int | None) -> list[list[tuple[_Item, li
     current: list[tuple[_Item, list[int]]] = []
     used = 0
     for item in items:
-        cell_ids = list(range(len(item.cells)))
-        per_part = len(cell_ids) if max_rows is None else max_rows - 2
+        cell_ids = item.run_cells
+        per_part = max(1, len(cell_ids)) if max_rows is None else max_rows - 2
         parts = [cell_ids[i : i + per_part] for i in range(0, len(cell_ids), per_part)] or [[]]
         for part in parts:
             rows = 2 + len(part)

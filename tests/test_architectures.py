@@ -55,39 +55,58 @@ def test_unknown_architecture_says_what_to_add():
 
 
 def test_register_architecture_adds_a_family():
-    """A user-registered row works like a built-in one (OPT: the MLP is fc1/fc2 in the block)."""
+    """A user-registered row works like a built-in one (OLMo 2: post-norms, no pre-norms)."""
     import torch
     import transformers as T
 
     register_architecture(
         ArchSpec(
-            model_types=("opt",),
-            blocks="model.decoder.layers",
+            model_types=("olmo2",),
+            blocks="model.layers",
             attn="self_attn",
-            attn_out="self_attn",
-            mlp_out="fc2",
-            head_proj="self_attn.out_proj",
-            embed="model.decoder.embed_tokens",
-            final_norm="model.decoder.final_layer_norm",
+            attn_out="post_attention_layernorm",
+            attn_out_index=None,
+            mlp_out="post_feedforward_layernorm",
+            head_proj="self_attn.o_proj",
+            embed="model.embed_tokens",
+            final_norm="model.norm",
             unembed="lm_head",
-            norm="layernorm",
+            norm="rmsnorm",
+            post_sublayer_norms=True,
         )
     )
     try:
         torch.manual_seed(0)
-        config = T.OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
-                             word_embed_proj_dim=64, vocab_size=50257)
-        hf = T.OPTForCausalLM(config).eval()
-        tok = make_gpt2_tokenizer()
-        model = wrap_model(hf, tok, "tiny-opt", {"kind": "test"})
-        reference.FAMILIES["opt"] = {
-            "blocks": "model.decoder.layers",
-            "attn_out": ("self_attn", "out"),
-            "mlp_out": ("fc2", "out"),
-            "head_out": ("self_attn.out_proj", "in"),
-        }
+        config = T.Olmo2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                               vocab_size=50257)
+        model = wrap_model(T.Olmo2ForCausalLM(config).eval(), make_gpt2_tokenizer(), "tiny-olmo2", {"kind": "test"})
+        reference.FAMILIES["olmo2"] = reference.FAMILIES["gemma3_text"]
         check_against_reference(model, PatchingExperiment(sites=SITES, positions=[2, -1]),
                                 [ioi_pair("park", "Tom", "James", io_first=True)])
     finally:
+        ARCHITECTURES[:] = [spec for spec in ARCHITECTURES if "olmo2" not in spec.model_types]
+        reference.FAMILIES.pop("olmo2", None)
+
+
+def test_a_site_with_the_wrong_layout_is_refused_not_misread():
+    """OPT flattens [batch, tokens] before its MLP; pointing mlp_out at fc2 must fail loudly."""
+    import transformers as T
+
+    register_architecture(
+        ArchSpec(model_types=("opt",), blocks="model.decoder.layers", attn="self_attn", attn_out="self_attn",
+                 mlp_out="fc2", head_proj="self_attn.out_proj", embed="model.decoder.embed_tokens",
+                 final_norm="model.decoder.final_layer_norm", unembed="lm_head", norm="layernorm")
+    )
+    try:
+        config = T.OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+                             word_embed_proj_dim=64, vocab_size=50257)
+        model = wrap_model(T.OPTForCausalLM(config).eval(), make_gpt2_tokenizer(), "tiny-opt", {"kind": "test"})
+        experiment = PatchingExperiment(sites=("mlp_out",), positions=[-1])
+        compiled = experiment.compile(model)
+        item = compiled.prepare(ioi_pair("park", "Tom", "James", io_first=True), 0)
+        with pytest.raises(ModelError) as error:
+            compiled.run([item])
+        assert "model.decoder.layers.0.fc2 output has shape" in str(error.value)
+        assert "[batch, tokens, features]" in str(error.value)
+    finally:
         ARCHITECTURES[:] = [spec for spec in ARCHITECTURES if "opt" not in spec.model_types]
-        reference.FAMILIES.pop("opt", None)

@@ -117,3 +117,18 @@ def test_patching_identical_prompts_gives_nan_effect_not_a_number(gpt2_tiny):
     records = nnexp_records(gpt2_tiny, PatchingExperiment(sites=("resid_post",)), [pair])
     assert torch.isnan(records[0]["resid_post"].values).all()
     assert torch.isfinite(records[0]["resid_post.patched"].values).all()
+
+
+def test_skipping_the_shared_prefix_changes_no_number(llama_tiny):
+    """Cells before the first differing token are exact no-ops, so not running them is exact."""
+    example = [ioi_pair("office", "Kate", "Mark", io_first=False)]
+    skipped = PatchingExperiment(sites=("resid_post", "attn_out", "head_out"), head_positions="each")
+    computed = PatchingExperiment(sites=("resid_post", "attn_out", "head_out"), head_positions="each", skip_shared_prefix=False)
+    a = nnexp_records(llama_tiny, skipped, example)[0]
+    b = nnexp_records(llama_tiny, computed, example)[0]
+    compiled = skipped.compile(llama_tiny)
+    item = compiled.prepare(example[0], 0)
+    assert len(item.run_cells) < len(item.cells) * 0.7  # S2 sits past the middle of this prompt
+    for name in a.tensors:
+        assert torch.allclose(a[name].values, b[name].values, atol=1e-5), name
+    check_against_reference(llama_tiny, computed, example)

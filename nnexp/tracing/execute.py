@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ModelError
 from ..metrics import get_metric
 from .plan import TracePlan
 
@@ -25,6 +26,7 @@ def run_plan(model, plan: TracePlan) -> torch.Tensor:
     answer = plan.answer_ids.to(device)
     foil = plan.foil_ids.to(device)
     inputs = {"attention_mask": plan.attention_mask.to(device)}
+    expected = tuple(plan.input_ids.shape)
     position_ids = plan.position_ids
     if position_ids is not None:
         inputs["position_ids"] = position_ids.to(device)
@@ -35,6 +37,12 @@ def run_plan(model, plan: TracePlan) -> torch.Tensor:
                 envoy = nn.get(point.module)
                 value = envoy.output if point.io == "output" else envoy.input
                 tensor = value if point.index is None else value[point.index]
+                if tuple(tensor.shape[:2]) != expected:
+                    raise ModelError(
+                        f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{expected[0]} rows, "
+                        f"{expected[1]} tokens, ...]; nnexp patches tensors laid out [batch, tokens, features], "
+                        "so point this site's ArchSpec entry at a module whose tensor has that layout"
+                    )
                 for edit in point_edits:
                     edit.apply(tensor, point)
             logits = nn.output.logits[:, -1, :].float()

@@ -49,7 +49,7 @@ class CopyRows:
         positions = self.positions.unsqueeze(1)
         x[rows_t, positions, columns] = x[rows_s, positions, columns]
 
-    def to(self, device) -> "CopyRows":
+    def to(self, device) -> CopyRows:
         return CopyRows(
             self.target_rows.to(device),
             self.source_rows.to(device),
