@@ -14,8 +14,15 @@ _quiet = False
 
 
 def set_quiet(quiet: bool) -> None:
+    """Silence nnexp's notes and progress bars, and transformers' loading bars with them."""
     global _quiet
     _quiet = quiet
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.disable_progress_bar()
+    else:
+        hf_logging.enable_progress_bar()
 
 
 def note(message: str) -> None:

@@ -48,7 +48,7 @@ class PromptPair:
         return record
 
     @classmethod
-    def from_json(cls, record, where: str) -> "PromptPair":
+    def from_json(cls, record, where: str) -> PromptPair:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with fields {', '.join(PAIR_FIELDS)}, got {type(record).__name__}")
         missing = [name for name in PAIR_FIELDS if name not in record]

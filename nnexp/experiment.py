@@ -88,7 +88,7 @@ class Experiment:
         }
 
     @classmethod
-    def from_params(cls, params: dict) -> "Experiment":
+    def from_params(cls, params: dict) -> Experiment:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -126,10 +126,17 @@ def builtin_experiments() -> dict[str, type[Experiment]]:
 
 
 def _load_file(path: Path):
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    name = f"nnexp_user_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
+    """Import a user's experiment file as a module named after it (`capitals.py` ->
+    `capitals`), or under a private name when that name is taken by something else."""
+    path = path.resolve()
+    name = path.stem
+    existing = sys.modules.get(name)
+    if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
+        return existing
+    if existing is not None or not name.isidentifier():
+        name = "nnexp_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -185,13 +192,12 @@ def find_experiment(reference: str) -> type[Experiment]:
 
 def experiment_from_spec(spec: dict) -> Experiment:
     """Rebuild the experiment a results directory was made with."""
-    cls = None
     name = spec.get("name")
     builtins = builtin_experiments()
-    module_name, _, qualname = spec["class"].partition(":")
+    qualname = spec["class"].partition(":")[2]
     if name in builtins and builtins[name].__qualname__ == qualname:
         cls = builtins[name]
-    elif spec.get("source_file") and Path(spec["source_file"]).is_file() and module_name.startswith("nnexp_user_"):
+    elif spec.get("source_file") and Path(spec["source_file"]).is_file():
         cls = find_experiment(f"{spec['source_file']}:{qualname}")
     else:
         cls = find_experiment(spec["class"])

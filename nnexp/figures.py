@@ -13,6 +13,7 @@ their roles, and with "*" otherwise.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -54,11 +55,12 @@ def heatmap(
         )
     )
     fig.update_layout(
-        title={"text": title},
+        title={"text": title, "font": {"size": 16}},
         xaxis={"title": {"text": x_title}, "tickmode": "array", "tickvals": list(range(len(x_labels))), "ticktext": x_labels},
         yaxis={"title": {"text": y_title}, "tickmode": "array", "tickvals": list(range(len(y_labels))), "ticktext": y_labels, "autorange": "reversed"},
-        width=max(520, 60 + 42 * len(x_labels)),
-        height=max(420, 160 + 18 * len(y_labels)),
+        width=max(760, 260 + 42 * len(x_labels)),
+        height=max(480, 200 + 18 * len(y_labels)),
+        margin={"t": 130},
         template="plotly_white",
     )
     return fig
@@ -98,7 +100,13 @@ def write_figures(figures: list[tuple[go.Figure, Path]], png: bool | None = None
 
         pngs = [path.with_suffix(".png") for _, path in figures]
         try:
-            pio.write_images([fig for fig, _ in figures], [str(p) for p in pngs])
+            pio.write_images(
+                [fig for fig, _ in figures],
+                [str(p) for p in pngs],
+                # kaleido ignores the layout's size unless it is passed explicitly
+                width=[fig.layout.width for fig, _ in figures],
+                height=[fig.layout.height for fig, _ in figures],
+            )
             written += pngs
         except Exception as error:  # noqa: BLE001 - a renderer failure must not lose the run
             note(f"PNG figures skipped: rendering failed ({str(error).splitlines()[0] if str(error) else type(error).__name__})")
@@ -145,62 +153,75 @@ def _roles_by_position(record) -> dict[int, str]:
 def _axis_labels(tensor, dim: str, tokens: list[str]) -> list[str]:
     labels = tensor.labels(dim)
     if dim == "position":
-        return [f"{token_label(tokens[p])}" if p < len(tokens) else str(p) for p in labels]
+        return [token_label(tokens[p]) if p < len(tokens) else str(p) for p in labels]
     if dim == "head":
         return [f"H{h}" for h in labels]
-    return [f"L{l}" for l in labels]
+    return [f"L{layer}" for layer in labels]
 
 
-def _site_figure(experiment, tensor, site: str, tokens: list[str], title_suffix: str, model: str) -> go.Figure:
-    metric = experiment.metric
+def _shorten(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _site_figure(experiment, tensor, site: str, tokens: list[str], about: list[str]) -> go.Figure:
+    """A heatmap of one site's normalised effects; `about` lines go under the title."""
     what = _SITE_TITLES.get(site, site)
-    colorbar = "normalised effect"
-    subtitle = f"{experiment.name or type(experiment).__name__} · {model} · {what} · {title_suffix}"
     dims = tensor.dims
+    values = tensor.values
+    layers = _axis_labels(tensor, "layer", tokens)
     if dims == ("layer", "position"):
-        return heatmap(tensor.values, title=f"Patching {what}: effect on {metric}<br><sup>{subtitle}</sup>",
-                       x_title="position (token)", y_title="layer", x_labels=_axis_labels(tensor, "position", tokens),
-                       y_labels=_axis_labels(tensor, "layer", tokens), colorbar_title=colorbar)
-    if dims == ("layer", "head"):
-        return heatmap(tensor.values, title=f"Patching each head (all positions): effect on {metric}<br><sup>{subtitle}</sup>",
-                       x_title="head", y_title="layer", x_labels=_axis_labels(tensor, "head", tokens),
-                       y_labels=_axis_labels(tensor, "layer", tokens), colorbar_title=colorbar)
-    if dims == ("layer", "head", "position"):
-        values = tensor.values.flatten(0, 1)
-        rows = [f"L{l}H{h}" for l in tensor.labels("layer") for h in tensor.labels("head")]
-        return heatmap(values, title=f"Patching each head at each position: effect on {metric}<br><sup>{subtitle}</sup>",
-                       x_title="position (token)", y_title="layer and head", x_labels=_axis_labels(tensor, "position", tokens),
-                       y_labels=rows, colorbar_title=colorbar)
-    if dims == ("layer",):
-        return heatmap(tensor.values.unsqueeze(1), title=f"Patching {what} at all positions: effect on {metric}<br><sup>{subtitle}</sup>",
-                       x_title="all positions", y_title="layer", x_labels=["all"],
-                       y_labels=_axis_labels(tensor, "layer", tokens), colorbar_title=colorbar)
-    raise ValueError(f"no figure for axes {dims}")
+        headline, x_title, y_title = f"Patching the {what}, per layer and position", "position (token)", "layer"
+        x_labels, y_labels = _axis_labels(tensor, "position", tokens), layers
+    elif dims == ("layer", "head"):
+        headline, x_title, y_title = "Patching each attention head (all positions)", "head", "layer"
+        x_labels, y_labels = _axis_labels(tensor, "head", tokens), layers
+    elif dims == ("layer", "head", "position"):
+        headline, x_title, y_title = "Patching each attention head, per position", "position (token)", "layer and head"
+        values = values.flatten(0, 1)
+        x_labels = _axis_labels(tensor, "position", tokens)
+        y_labels = [f"L{layer}H{head}" for layer in tensor.labels("layer") for head in tensor.labels("head")]
+    elif dims == ("layer",):
+        headline, x_title, y_title = f"Patching the {what} (all positions)", "", "layer"
+        values, x_labels, y_labels = values.unsqueeze(1), ["all positions"], layers
+    else:
+        raise ValueError(f"no patching figure for axes {dims}")
+    subtitle = "<br>".join(_shorten(line) for line in about)
+    return heatmap(
+        values,
+        title=f"{headline}: effect on {experiment.metric}<br><sup>{subtitle}</sup>",
+        x_title=x_title,
+        y_title=y_title,
+        x_labels=x_labels,
+        y_labels=y_labels,
+        colorbar_title="normalised effect<br>(0 corrupted, 1 clean)",
+    )
 
 
 def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
-    """Per-example heatmaps (first `max_examples` examples) and per-group averages."""
-    model = results.spec["model"]["name"]
+    """Per-example heatmaps (the first `max_examples` examples) and averages.
+
+    Averages: layer x position maps over each group of examples with the same token
+    structure, and layer x head maps (no position axis) over all examples.
+    """
+    run = f"{experiment.name or type(experiment).__name__} · {results.spec['model']['name']}"
     figures = []
     for record in results.records[:max_examples]:
-        prompt = record.info.get("clean", "")
+        about = [f"{run} · example {record.index}", f"clean: {record.info.get('clean', '')!r}",
+                 f"corrupted: {record.info.get('corrupted', '')!r}"]
         for site in experiment.sites:
-            suffix = f"example {record.index}: {prompt!r}"
-            fig = _site_figure(experiment, record[site], site, record.tokens, suffix, model)
+            fig = _site_figure(experiment, record[site], site, record.tokens, about)
             figures.append((fig, out_dir / f"example-{record.index:04d}" / site))
     for key, records in results.groups().items():
         labels = group_position_labels(records)
-        slug = "".join(c if c.isalnum() else "-" for c in key).strip("-")
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-")
+        about = [f"{run} · mean over {len(records)} example(s) of group {key}",
+                 "[role]: a position whose token differs between the examples; *: no role given"]
         for site in experiment.sites:
             mean = results.stack(site, records).mean("example")
-            suffix = f"mean over {len(records)} example(s) of group {key}"
-            fig = _site_figure(experiment, mean, site, labels, suffix, model)
-            figures.append((fig, out_dir / f"mean-{slug}" / site))
+            figures.append((_site_figure(experiment, mean, site, labels, about), out_dir / f"mean-{slug}" / site))
     for site in experiment.sites:
-        # Layer x head maps have no position axis, so every example can be averaged.
-        shapes = {tuple(r[site].shape) for r in results.records}
-        if results.records and len(shapes) == 1 and "position" not in results.records[0][site].dims:
+        if results.records and "position" not in results.records[0][site].dims:
             mean = results.stack(site).mean("example")
-            fig = _site_figure(experiment, mean, site, [], f"mean over all {len(results)} examples", model)
-            figures.append((fig, out_dir / "mean-all" / site))
+            about = [f"{run} · mean over all {len(results)} examples"]
+            figures.append((_site_figure(experiment, mean, site, [], about), out_dir / "mean-all" / site))
     return write_figures(figures)

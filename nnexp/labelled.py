@@ -41,7 +41,7 @@ class LabelledTensor:
     def labels(self, dim: str) -> list:
         return list(self.coords.get(dim, range(self.values.shape[self.axis(dim)])))
 
-    def sel(self, **selection) -> "LabelledTensor":
+    def sel(self, **selection) -> LabelledTensor:
         """Select by label along named axes, e.g. `t.sel(layer=3)` drops the layer axis."""
         values, dims, coords = self.values, list(self.dims), dict(self.coords)
         for dim, label in selection.items():
@@ -53,7 +53,7 @@ class LabelledTensor:
             coords.pop(dim, None)
         return LabelledTensor(values, tuple(dims), coords)
 
-    def mean(self, dim: str) -> "LabelledTensor":
+    def mean(self, dim: str) -> LabelledTensor:
         axis = self.axis(dim)
         return LabelledTensor(
             self.values.mean(axis),
@@ -63,4 +63,4 @@ class LabelledTensor:
 
     def __repr__(self) -> str:
         axes = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.values.shape))
-        return f"LabelledTensor({axes}, dtype={self.values.dtype})"
+        return f"LabelledTensor({axes})"

@@ -10,7 +10,7 @@ Add one with `@register_metric("name", "what it measures")`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -44,7 +44,13 @@ def identity(spec: dict) -> dict:
     data = {k: v for k, v in spec["data"].items() if k not in ("path", "n_examples")}
     model = spec["model"]
     return {
-        "experiment": {"name": spec["experiment"]["name"], "class": spec["experiment"]["class"], "params": params},
+        # The class by name, not by module path: the same class imported as a module or
+        # loaded from its file by `nnexp run file.py` is the same experiment.
+        "experiment": {
+            "name": spec["experiment"]["name"],
+            "class": spec["experiment"]["class"].rpartition(":")[2],
+            "params": params,
+        },
         "model": {"name": model["name"], "source": model["source"], "dtype": model["dtype"]},
         "data": data,
     }
