@@ -1,0 +1,59 @@
+"""The README's commands and code, run as written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_cli import cli
+
+README = (REPO / "README.md").read_text()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def block(containing: str) -> str:
+    matches = [b for b in PYTHON_BLOCKS if containing in b]
+    assert len(matches) == 1, f"expected one README python block containing {containing!r}"
+    return matches[0]
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = cwd / "readme_snippet.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_the_two_commands_exist():
+    assert "make demo" in README and "make test" in README
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^demo: setup\n\t\$\(BIN\)/nnexp run ioi-patching$", makefile, flags=re.M)
+    assert re.search(r"^test: setup\n\t\$\(BIN\)/python -m pytest", makefile, flags=re.M)
+    assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+@pytest.mark.slow
+def test_new_experiment_example_works_as_written(tmp_path, smollm2):
+    (tmp_path / "capitals.py").write_text(block("class Capitals(PatchingExperiment)"))
+    result = run_python(block("from capitals import Capitals"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "results/capitals/smollm2-135m/run-" in result.stdout and "LabelledTensor(layer=30, position=5)" in result.stdout
+    by_cli = cli("run", "capitals.py", "--quiet", cwd=tmp_path)
+    assert by_cli.returncode == 0, by_cli.stderr
+    assert by_cli.stdout.strip() in result.stdout  # same run directory: nothing recomputed
+
+
+@pytest.mark.slow
+def test_loading_example_works_on_the_demo_directory(tmp_path, smollm2):
+    # --limit does not change the run directory, so one example gives the demo's path
+    result = cli("run", "ioi-patching", "--limit", 1, "--no-figures", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    demo_dir = re.search(r"results/ioi-patching/smollm2-135m/run-[0-9a-f]{10}", README).group(0)
+    assert result.stdout.strip() == demo_dir
+    loaded = run_python(block("nnexp.load_results(") + "\nprint(effect.sel(layer=20).values.shape)\n", tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "torch.Size([16])"
