@@ -1,7 +1,7 @@
 """Figures with plotly: heatmaps with titles, axis labels and token labels.
 
-Every figure is written as HTML (plotly.js is written once per folder beside the
-files, so they open offline) and as PNG when kaleido finds a Chrome or Chromium to
+Every figure is written as HTML into one folder, with plotly.js written once beside
+them (so they open offline) and as PNG when kaleido finds a Chrome or Chromium to
 render with; without one, PNGs are skipped with a single note.
 
 Token labels: the x axis of a position heatmap is numeric with the tokens as tick
@@ -210,7 +210,7 @@ def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16)
                  f"corrupted: {record.info.get('corrupted', '')!r}"]
         for site in experiment.sites:
             fig = _site_figure(experiment, record[site], site, record.tokens, about)
-            figures.append((fig, out_dir / f"example-{record.index:04d}" / site))
+            figures.append((fig, out_dir / f"example-{record.index:04d}-{site}"))
     for key, records in results.groups().items():
         labels = group_position_labels(records)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-")
@@ -218,10 +218,10 @@ def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16)
                  "[role]: a position whose token differs between the examples; *: no role given"]
         for site in experiment.sites:
             mean = results.stack(site, records).mean("example")
-            figures.append((_site_figure(experiment, mean, site, labels, about), out_dir / f"mean-{slug}" / site))
+            figures.append((_site_figure(experiment, mean, site, labels, about), out_dir / f"mean-{slug}-{site}"))
     for site in experiment.sites:
         if results.records and "position" not in results.records[0][site].dims:
             mean = results.stack(site).mean("example")
             about = [f"{run} · mean over all {len(results)} examples"]
-            figures.append((_site_figure(experiment, mean, site, [], about), out_dir / "mean-all" / site))
+            figures.append((_site_figure(experiment, mean, site, [], about), out_dir / f"mean-all-{site}"))
     return write_figures(figures)

@@ -51,6 +51,8 @@ def _check_positions(value, field_name: str):
     if value in ("each", "all"):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{field_name} {list(value)} name a position twice; list each position once")
         return list(value)
     raise ConfigError(
         f"{field_name} must be 'each', 'all' or a non-empty list of integer positions, got {value!r}"
@@ -191,13 +193,18 @@ class CompiledPatching:
 
     # -- running ----------------------------------------------------------------
 
+    def plans(self, items: list[_Item], max_rows: int | None = None) -> list[tuple[list, TracePlan]]:
+        """The trace plans for `items`: as few as `max_rows` allows, each with its layout
+        (which cells of which example each row group holds)."""
+        return [(trace, self._plan(trace)) for trace in _pack(items, max_rows)]
+
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
         """Run the sweeps of `items`, packed into as few traces as `max_rows` allows."""
         clean = {}
         corrupted = {}
         patched: dict[int, dict[int, float]] = defaultdict(dict)  # example -> cell -> metric
-        for trace in _pack(items, max_rows):
-            values = run_plan(self.model, self._plan(trace))
+        for trace, plan in self.plans(items, max_rows):
+            values = run_plan(self.model, plan)
             row = 0
             for item, cell_ids in trace:
                 clean.setdefault(item.pair.index, float(values[row]))

@@ -57,7 +57,8 @@ def test_run_then_load_results(tmp_path, tiny_gpt2_folder):
     assert spec["model"]["source"] == {"kind": "folder", "path": str(tiny_gpt2_folder.resolve())}
     lines = (out / "examples.jsonl").read_text().splitlines()
     assert [json.loads(line)["index"] for line in lines] == [0, 1, 2]
-    assert (out / "figures" / "example-0000" / "resid_post.html").exists()
+    assert (out / "figures" / "example-0000-resid_post.html").exists()
+    assert (out / "figures" / "mean-all-head_out.html").exists()  # layer x head over every example
     # the effect at the last layer and last position is exactly the clean run's (effect 1)
     assert torch.isclose(record["resid_post"].values[-1, -1], torch.tensor(1.0), atol=1e-5)
 
@@ -104,6 +105,9 @@ def _one_line_error(result, *fragments):
         (["run", "ioi-patching", "--layers", "zero"], ["comma-separated integers"]),
         (["run", "ioi-patching", "--metric", "accuracy"], ["unknown metric 'accuracy'", "logit_diff"]),
         (["run", "ioi-patching", "--positions", "99"], ["position 99 is out of range", "example 0"]),
+        (["run", "ioi-patching", "--positions", "3,3"], ["name a position twice"]),
+        (["run", "ioi-patching", "--layers", "1,-2"], ["name the same layer twice"]),
+        (["run", "ioi-patching", "--sites", ""], ["sites is empty"]),
         (["run", "ioi-patching", "--set", "dataset=weird"], ["dataset must be"]),
         (["run", "ioi-patching", "--set", "colour=red"], ["no parameter(s) colour"]),
         (["run", "ioi-patching", "--dtype", "float8"], ["unknown dtype"]),
@@ -231,7 +235,7 @@ def test_plot_redraws_figures(tmp_path, tiny_gpt2_folder):
     assert not (out / "figures").exists()
     result = cli("plot", out)
     assert result.returncode == 0, result.stderr
-    assert (out / "figures" / "example-0001" / "head_out.html").exists()
+    assert (out / "figures" / "example-0001-head_out.html").exists()
     _one_line_error(cli("plot", tmp_path), "not an nnexp results directory")
 
 

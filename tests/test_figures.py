@@ -26,14 +26,17 @@ def classic_run(gpt2_tiny, tmp_path_factory):
 def test_figure_files_for_examples_and_means(classic_run):
     figures = classic_run.path / "figures"
     for site in ("resid_post", "attn_out", "mlp_out", "head_out"):
-        for folder in ("example-0000", "example-0003", "mean-shops-14-tokens", "mean-park-14-tokens"):
-            assert (figures / folder / f"{site}.html").exists(), (folder, site)
-    # plotly.js sits beside the pages, so they open offline
-    assert (figures / "example-0000" / "plotly.min.js").stat().st_size > 1_000_000
-    page = (figures / "example-0000" / "resid_post.html").read_text()
+        for prefix in ("example-0000", "example-0003", "mean-shops-14-tokens", "mean-park-14-tokens"):
+            assert (figures / f"{prefix}-{site}.html").exists(), (prefix, site)
+    # head maps with a position axis are averaged per group only
+    assert not (figures / "mean-all-head_out.html").exists()
+    # plotly.js sits once beside the pages, so they open offline
+    assert (figures / "plotly.min.js").stat().st_size > 1_000_000
+    assert len(list(classic_run.path.rglob("plotly.min.js"))) == 1
+    page = (figures / "example-0000-resid_post.html").read_text()
     assert 'src="plotly.min.js"' in page and "cdn.plot.ly" not in page
     if png_available():
-        assert (figures / "example-0000" / "resid_post.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (figures / "example-0000-resid_post.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_heatmap_has_titles_token_labels_and_centred_scale(classic_run):
@@ -68,7 +71,7 @@ def test_nan_cells_are_gaps():
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt install chromium)")
 def test_a_browser_draws_the_figure(classic_run, tmp_path):
-    page = classic_run.path / "figures" / "example-0000" / "resid_post.html"
+    page = classic_run.path / "figures" / "example-0000-resid_post.html"
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
