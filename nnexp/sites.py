@@ -86,41 +86,28 @@ def resolve_site(site: str, layer: int, arch: Architecture) -> HookPoint:
     return HookPoint(f"{block}.{spec.head_proj}", "input", None, order, n_heads=arch.n_heads)
 
 
-def check_layers(layers, arch: Architecture) -> list[int]:
-    """Normalise a layer selection (None = all; negative indices count from the end)."""
-    n = arch.n_layers
-    if layers is None:
+def _check_indices(values, n: int, what: str, count: str) -> list[int]:
+    """Normalise a selection of layers or heads: None = all, negatives count from the end."""
+    if values is None:
         return list(range(n))
     out = []
-    for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ConfigError(f"layer {layer!r} is not an integer; give layers as integers 0-{n - 1}")
-        if not -n <= layer < n:
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{what} {value!r} is not an integer; give {what}s as integers 0-{n - 1}")
+        if not -n <= value < n:
             raise ConfigError(
-                f"layer {layer} is out of range: the model has {n} layers (0-{n - 1}; "
+                f"{what} {value} is out of range: the model has {n} {count} (0-{n - 1}; "
                 "negative indices count from the end)"
             )
-        out.append(layer % n)
+        out.append(value % n)
     if len(set(out)) != len(out):
-        raise ConfigError(f"layers {list(layers)} name the same layer twice; list each layer once")
+        raise ConfigError(f"{what}s {list(values)} name the same {what} twice; list each {what} once")
     return out
+
+
+def check_layers(layers, arch: Architecture) -> list[int]:
+    return _check_indices(layers, arch.n_layers, "layer", "layers")
 
 
 def check_heads(heads, arch: Architecture) -> list[int]:
-    """Normalise a head selection (None = all heads of each layer)."""
-    n = arch.n_heads
-    if heads is None:
-        return list(range(n))
-    out = []
-    for head in heads:
-        if not isinstance(head, int) or isinstance(head, bool):
-            raise ConfigError(f"head {head!r} is not an integer; give heads as integers 0-{n - 1}")
-        if not -n <= head < n:
-            raise ConfigError(
-                f"head {head} is out of range: the model has {n} attention heads per layer "
-                f"(0-{n - 1}; negative indices count from the end)"
-            )
-        out.append(head % n)
-    if len(set(out)) != len(out):
-        raise ConfigError(f"heads {list(heads)} name the same head twice; list each head once")
-    return out
+    return _check_indices(heads, arch.n_heads, "head", "attention heads per layer")
