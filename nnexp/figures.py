@@ -131,7 +131,7 @@ def group_position_labels(records) -> list[str]:
     labels = []
     for position, tokens in enumerate(columns):
         if len(set(tokens)) == 1:
-            labels.append(f"{token_label(tokens[0])}")
+            labels.append(token_label(tokens[0]))
             continue
         roles = {names.get(position) for names in role_names}
         labels.append(f"[{roles.pop()}]" if len(roles) == 1 and None not in roles else "*")

@@ -212,14 +212,10 @@ class CompiledPatching:
                 for offset, cell_id in enumerate(cell_ids):
                     patched[item.pair.index][cell_id] = float(values[row + 2 + offset])
                 row += 2 + len(cell_ids)
-        records = []
-        for item in items:
-            index = item.pair.index
-            for cell_id, cell in enumerate(item.cells):
-                if not cell.needs_run:
-                    patched[index][cell_id] = corrupted[index]
-            records.append(self._record(item, clean[index], corrupted[index], patched[index]))
-        return records
+        return [
+            self._record(item, clean[item.pair.index], corrupted[item.pair.index], patched[item.pair.index])
+            for item in items
+        ]
 
     def _plan(self, trace: list[tuple[_Item, list[int]]]) -> TracePlan:
         sequences, answer, foil = [], [], []
@@ -277,7 +273,8 @@ class CompiledPatching:
             raw = torch.full(shape, math.nan, dtype=torch.float32)
             for cell_id, cell in enumerate(item.cells):
                 if cell.site == site:
-                    raw[cell.key] = patched[cell_id]
+                    # a cell in the shared prefix was not run: it equals the corrupted run
+                    raw[cell.key] = patched[cell_id] if cell.needs_run else corrupted
             effect = (raw - corrupted) / denominator if abs(denominator) >= 1e-6 else torch.full(shape, math.nan)
             tensors[site] = LabelledTensor(effect.float(), dims, coords)
             tensors[f"{site}.patched"] = LabelledTensor(raw, dims, coords)
