@@ -74,7 +74,8 @@ def _experiment_params(cls, args) -> dict:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (shard across GPUs)")
-    parser.add_argument("--examples-per-trace", type=int, default=1, help="examples batched into one trace (default 1)")
+    parser.add_argument("--examples-per-trace", type=int, default=None,
+                        help="examples batched into one trace (default: 1 for patching, 16 for logit attribution)")
     parser.add_argument("--max-rows", type=int, default=None, help="split traces with more rows than this (bounds memory)")
     parser.add_argument("--no-figures", action="store_true", help="store results without drawing figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")

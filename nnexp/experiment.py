@@ -32,6 +32,7 @@ class Experiment:
     Class attributes:
         name: the name `nnexp run` knows it by (lowercase, dashes).
         description: one line for `nnexp list`.
+        examples_per_trace: how many examples one trace holds by default.
 
     Fields:
         data: a data file to read examples from; None uses `default_examples()`.
@@ -39,6 +40,7 @@ class Experiment:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    examples_per_trace: ClassVar[int] = 1
 
     data: str | None = None
 

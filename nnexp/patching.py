@@ -129,6 +129,10 @@ class _Item:
     axes: dict[str, tuple[tuple[str, ...], dict[str, list]]]  # site -> (dims, coords)
 
     @property
+    def index(self) -> int:
+        return self.pair.index
+
+    @property
     def run_cells(self) -> list[int]:
         return [i for i, cell in enumerate(self.cells) if cell.needs_run]
 

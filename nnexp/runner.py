@@ -59,7 +59,7 @@ def run(
     limit: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
-    examples_per_trace: int = 1,
+    examples_per_trace: int | None = None,
     max_rows: int | None = None,
     figures: bool = True,
 ) -> Results:
@@ -72,10 +72,14 @@ def run(
             <run> is derived from the parameters, so rerunning resumes.
         limit: compute only the first `limit` examples.
         device, dtype: used when `model` is a name.
-        examples_per_trace: how many examples share one batched trace.
+        examples_per_trace: how many examples share one batched trace (default: the
+            experiment kind's `examples_per_trace`; 1 for patching, whose single
+            example already fills a trace with hundreds of rows).
         max_rows: split any trace with more rows than this (memory bound).
         figures: draw figures when the run completes.
     """
+    if examples_per_trace is None:
+        examples_per_trace = experiment.examples_per_trace
     if examples_per_trace < 1:
         raise ConfigError(f"examples_per_trace is {examples_per_trace}; it must be at least 1")
     if limit is not None and limit < 1:
@@ -95,7 +99,7 @@ def run(
     directory = RunDirectory(out if out is not None else default_run_dir(spec))
     directory.open(spec)
     done = directory.done()
-    pending = [item for item in items if item.pair.index not in done]
+    pending = [item for item in items if item.index not in done]
     if done:
         note(f"resuming {directory.path}: {len(items) - len(pending)} of {len(items)} examples already stored")
     else:

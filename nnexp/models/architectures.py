@@ -48,6 +48,8 @@ class ArchSpec:
             input holds every head's output (see `head_layout`).
         head_layout: one of `HEAD_LAYOUTS`.
         embed: token embedding module.
+        pos_embed: learned position embedding module added to the token embedding
+            before block 0 (GPT-2's wpe), or None (rotary models).
         final_norm: the norm applied before the unembedding.
         unembed: the unembedding (LM head) module.
         norm: "layernorm" or "rmsnorm".
@@ -74,6 +76,7 @@ class ArchSpec:
     head_layout: str = "concat"
     parallel_residual: bool = False
     post_sublayer_norms: bool = False
+    pos_embed: str | None = None
 
 
 _LLAMA_LIKE = dict(
@@ -108,6 +111,7 @@ ARCHITECTURES: list[ArchSpec] = [
         mlp_out="mlp",
         head_proj="attn.c_proj",
         embed="transformer.wte",
+        pos_embed="transformer.wpe",
         final_norm="transformer.ln_f",
         unembed="lm_head",
         norm="layernorm",
@@ -214,7 +218,9 @@ class Architecture:
                 "its ArchSpec (nnexp/models/architectures.py)"
             )
         self.head_dim: int = proj_in // self.n_heads
-        for path in (self.spec.embed, self.spec.final_norm, self.spec.unembed):
+        for path in (self.spec.embed, self.spec.final_norm, self.spec.unembed, self.spec.pos_embed):
+            if path is None:
+                continue
             self._check_path(hf_model, path)
         for path in (self.spec.attn, self.spec.attn_out, self.spec.mlp_out, self.spec.head_proj):
             self._check_path(blocks[0], path, prefix=f"{self.spec.blocks}.0.")

@@ -1,9 +1,12 @@
-"""Run a `TracePlan` as one nnsight trace: the only trace code in nnexp.
+"""Run traces: the only trace code in nnexp.
+
+`run_plan` runs a patching `TracePlan`; `read_last_position` reads activations at
+the last position for logit attribution.
 
 nnsight 0.8 runs the body of `with model.trace(...)` as ordinary Python in a worker
 interleaved with the real forward pass: reading `envoy.output` waits until that
 module has run and returns the live tensor, which can be edited in place before the
-model continues. The body below walks the plan's hook points in forward order
+model continues. The bodies below walk the plan's hook points in forward order
 (nnsight requires that order within one invoke), applies each point's edits to the
 whole batch, and finally reduces the last-position logits to one metric per row.
 """
@@ -14,6 +17,7 @@ import torch
 
 from ..errors import ModelError
 from ..metrics import get_metric
+from ..sites import HookPoint
 from .plan import TracePlan
 
 
@@ -48,3 +52,35 @@ def run_plan(model, plan: TracePlan) -> torch.Tensor:
             logits = nn.output.logits[:, -1, :].float()
             values = metric(logits, answer, foil).cpu().save()
     return values
+
+
+def read_last_position(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, points: list[tuple[str, HookPoint]]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One forward pass over a left-padded batch, reading each hook point at the last
+    position (where every row's last real token sits).
+
+    `points` must be in forward order. Returns {key: [rows or 1, ...features]} on the
+    model's device and the last-position logits [rows, vocab].
+    """
+    device = model.device
+    nn = model.nn
+    rows, tokens = input_ids.shape
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
+            for key, point in points:
+                envoy = nn.get(point.module)
+                value = envoy.output if point.io == "output" else envoy.input
+                tensor = value if point.index is None else value[point.index]
+                # A position embedding may come back as [1, tokens, d] and broadcast.
+                if tensor.dim() < 3 or tensor.shape[0] not in (rows, 1) or tensor.shape[1] != tokens:
+                    raise ModelError(
+                        f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{rows} rows, "
+                        f"{tokens} tokens, ...]; point its ArchSpec entry at a module whose tensor has "
+                        "that layout"
+                    )
+                # clone: the model may later update a tensor it returned in place
+                saved[key] = tensor[:, -1].clone().save()
+            logits = nn.output.logits[:, -1, :].save()
+    return dict(saved), logits
