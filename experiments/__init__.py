@@ -4,5 +4,6 @@ Add a new one by defining its class in a module here and listing it below.
 """
 
 from .ioi_patching import IOIPatching
+from .logit_attribution import DLAHeads, DLALayers, LogitAttribution, LogitLens
 
-EXPERIMENTS = {cls.name: cls for cls in (IOIPatching,)}
+EXPERIMENTS = {cls.name: cls for cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution)}

@@ -66,6 +66,48 @@ def heatmap(
     return fig
 
 
+def line_plot(
+    x_labels: list[str],
+    series: list[dict],
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+) -> go.Figure:
+    """Lines over labelled x positions. Each series: {"name", "values", and optionally
+    "faint" (a thin grey line, e.g. one prompt under a mean), "hover" (text per point)}."""
+    fig = go.Figure()
+    x = list(range(len(x_labels)))
+    for item in series:
+        faint = item.get("faint", False)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[None if v != v else v for v in item["values"]],
+                name=item["name"],
+                mode="lines" if faint else "lines+markers",
+                line={"width": 1, "color": "rgba(120,120,120,0.35)"} if faint else {"width": 2},
+                showlegend=not faint or item.get("legend", False),
+                customdata=[[label, extra] for label, extra in zip(x_labels, item.get("hover") or [""] * len(x))],
+                hovertemplate="%{customdata[0]}: %{y:.3f}<br>%{customdata[1]}<extra>" + item["name"] + "</extra>",
+            )
+        )
+    step = max(1, len(x_labels) // 40)  # keep tick labels legible on deep models
+    fig.add_hline(y=0, line={"width": 1, "color": "black"})
+    fig.update_layout(
+        title={"text": title, "font": {"size": 16}},
+        xaxis={"title": {"text": x_title}, "tickmode": "array", "tickvals": x[::step], "ticktext": x_labels[::step],
+               "tickangle": -60},
+        yaxis={"title": {"text": y_title}},
+        width=max(900, 200 + 16 * len(x_labels)),
+        height=560,
+        margin={"t": 130},
+        template="plotly_white",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+    )
+    return fig
+
+
 def png_available() -> bool:
     """Whether kaleido can render PNGs here (it needs Chrome or Chromium)."""
     if not _png_state["checked"]:

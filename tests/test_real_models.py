@@ -72,3 +72,52 @@ def test_gemma3_patching_matches_plain_hooks(gemma3):
     record = records[0]
     assert record.tokens[0] == "<bos>"
     assert record.scalars["clean"] > 1 > 0 > record.scalars["corrupted"]
+
+
+# -- logit attribution on TransformerLens' 8 IOI prompts ------------------------------
+
+
+def _logit_attribution(model):
+    from experiments.logit_attribution import LogitAttribution
+    from tests.test_logit_attribution import run_records
+
+    experiment = LogitAttribution()
+    return run_records(model, experiment, prompts=experiment.examples())
+
+
+def _check_exact(records):
+    assert len(records) == 8
+    for record in records:
+        true = record.scalars["logit_diff"]
+        assert true > 1  # every prompt: the model prefers the indirect object
+        assert abs(record["dla_layers"].values.sum().item() - true) < 1e-3
+        assert abs(record["dla_heads"].values.sum().item() + record["dla_heads_rest"].values.sum().item() - true) < 1e-3
+        assert abs(record["logit_lens_linear"].values[-1].item() - true) < 1e-3
+
+
+def _mean(records, name):
+    return torch.stack([r[name].values for r in records]).mean(0)
+
+
+def test_smollm2_logit_attribution(smollm2):
+    """The README's account: head L23H3 writes the answer, L29H1 helps, L24H4 and L29H0
+    write against it; the lens reaches half the final value after layer 23's attention."""
+    records = _logit_attribution(smollm2)
+    _check_exact(records)
+    heads = _mean(records, "dla_heads")
+    order = heads.flatten().argsort()
+    assert [divmod(int(i), 9) for i in order.flip(0)[:2]] == [(23, 3), (29, 1)]
+    assert {divmod(int(i), 9) for i in order[:2]} == {(24, 4), (29, 0)}
+    points = records[0]["logit_lens"].labels("point")
+    for name in ("logit_lens", "logit_lens_linear"):
+        lens = _mean(records, name)
+        assert points[int(torch.nonzero(lens >= lens[-1] / 2)[0])] == "23_mid", name
+
+
+def test_gemma3_logit_attribution(gemma3):
+    records = _logit_attribution(gemma3)
+    _check_exact(records)
+    heads = _mean(records, "dla_heads")
+    assert divmod(int(heads.argmax()), 4) == (11, 3)
+    lens = _mean(records, "logit_lens")
+    assert records[0]["logit_lens"].labels("point")[int(torch.nonzero(lens >= lens[-1] / 2)[0])] == "11_mid"

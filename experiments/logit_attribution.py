@@ -1,0 +1,69 @@
+"""Logit attribution on IOI: which layers and heads write the answer, and from where
+the answer can be read off (the analysis of TransformerLens' IOI walkthrough).
+
+    nnexp run logit-lens            # accumulated residual -> logit(IO) - logit(S), two read-outs, top tokens
+    nnexp run dla-layers            # the final residual split into embeddings, attention and MLP outputs
+    nnexp run dla-heads             # each head's direct contribution, layer x head
+    nnexp run logit-attribution     # all three from the same trace
+    nnexp run dla-heads --data prompts.jsonl   # {"prompt" (or "clean"), "answer", "foil"} per line
+
+The built-in data are the walkthrough's 8 prompts (4 templates x 2 name orders);
+`--set dataset=generated --set n_examples=N` uses the seeded IOI generator instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nnexp.errors import ConfigError
+from nnexp.logit_attribution import ANALYSES, LogitAttributionExperiment
+from nnexp.prompts import Prompt
+
+from .ioi import TEMPLATES, classic_ioi, generate_ioi
+
+
+@dataclass
+class _IOILogitAttribution(LogitAttributionExperiment):
+    # Built-in data: "classic" (TransformerLens' 8 prompts) or "generated" (seeded, all templates).
+    dataset: str = "classic"
+    n_examples: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dataset not in ("generated", "classic"):
+            raise ConfigError(f"dataset must be 'generated' or 'classic', got {self.dataset!r}")
+        if self.n_examples < 1:
+            raise ConfigError(f"n_examples is {self.n_examples}; it must be at least 1")
+
+    def default_examples(self) -> list[Prompt]:
+        pairs = classic_ioi() if self.dataset == "classic" else generate_ioi(self.n_examples, self.seed, tuple(TEMPLATES))
+        return [Prompt.from_pair(pair) for pair in pairs]
+
+
+@dataclass
+class LogitLens(_IOILogitAttribution):
+    name = "logit-lens"
+    description = "logit lens: the answer-minus-foil logit difference read off the residual stream after every sublayer"
+    analyses: tuple = ("logit_lens",)
+
+
+@dataclass
+class DLALayers(_IOILogitAttribution):
+    name = "dla-layers"
+    description = "direct logit attribution per layer: embeddings, each attention output and each MLP output"
+    analyses: tuple = ("dla_layers",)
+
+
+@dataclass
+class DLAHeads(_IOILogitAttribution):
+    name = "dla-heads"
+    description = "direct logit attribution per attention head, layer x head"
+    analyses: tuple = ("dla_heads",)
+
+
+@dataclass
+class LogitAttribution(_IOILogitAttribution):
+    name = "logit-attribution"
+    description = "logit lens, per-layer and per-head direct logit attribution, all from one trace"
+    analyses: tuple = ANALYSES

@@ -1,0 +1,120 @@
+"""Figures of logit attribution, like TransformerLens' IOI walkthrough draws them.
+
+- logit lens: a line per read-out (final norm applied afresh; linearised) over the
+  sublayer points 0_pre, 0_mid, 1_pre, ..., final_post, with the top tokens in the
+  hover text, and a table of the top-k tokens at each point;
+- per-layer DLA: a line over embed, 0_attn_out, 0_mlp_out, ..., bias;
+- per-head DLA: a layer x head heatmap on a diverging scale centred at 0.
+
+Each is drawn for the first `max_examples` prompts and as a mean over all prompts
+(the mean's line plots show each prompt as a faint line beneath it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from .figures import heatmap, line_plot, token_label, write_figures
+
+Y_TITLE = "logit difference (answer − foil)"
+
+
+def _run_label(experiment, results) -> str:
+    return f"{experiment.name or type(experiment).__name__} · {results.spec['model']['name']}"
+
+
+def _prompt_line(record) -> str:
+    prompt = record.info.get("prompt", "")
+    prompt = prompt if len(prompt) <= 90 else prompt[:89] + "…"
+    return (f"{prompt!r} → answer {record.info.get('answer')!r} vs foil {record.info.get('foil')!r} · "
+            f"logit difference {record.scalars['logit_diff']:.3f}")
+
+
+def _lens_hover(record, k: int = 3) -> list[str]:
+    top = record.info.get("logit_lens_top_tokens") or []
+    probs = record["logit_lens_top_probs"].values.tolist()
+    return [", ".join(f"{token_label(t)} {p:.2f}" for t, p in zip(tokens[:k], ps[:k])) for tokens, ps in zip(top, probs)]
+
+
+def _lens_figure(title: str, records, about: str) -> go.Figure:
+    points = records[0]["logit_lens"].labels("point")
+    series = []
+    if len(records) > 1:
+        for record in records:
+            series.append({"name": "each prompt (final norm afresh)", "values": record["logit_lens"].values.tolist(), "faint": True,
+                           "legend": record is records[0]})
+    mean = lambda name: [sum(r[name].values[i].item() for r in records) / len(records) for i in range(len(points))]  # noqa: E731
+    hover = _lens_hover(records[0]) if len(records) == 1 else None
+    series.append({"name": "final norm applied afresh (logit lens)", "values": mean("logit_lens"),
+                   "hover": ["top: " + h for h in hover] if hover else None})
+    series.append({"name": "final norm linearised (cached final scale)", "values": mean("logit_lens_linear")})
+    return line_plot(points, series, title=f"{title}<br><sup>{about}</sup>",
+                     x_title="residual stream point (L_pre: block L input; L_mid: after its attention)", y_title=Y_TITLE)
+
+
+def _top_tokens_table(record, about: str) -> go.Figure:
+    points = record["logit_lens"].labels("point")
+    top = record.info.get("logit_lens_top_tokens") or []
+    probs = record["logit_lens_top_probs"].values.tolist()
+    k = len(top[0]) if top else 0
+    columns = [points] + [[f"{token_label(top[p][r])} ({probs[p][r]:.2f})" for p in range(len(points))] for r in range(k)]
+    fig = go.Figure(go.Table(
+        header={"values": ["point"] + [f"top {r + 1}" for r in range(k)], "align": "left"},
+        cells={"values": columns, "align": "left"},
+    ))
+    fig.update_layout(title={"text": f"Logit lens: top {k} next tokens at the last position<br><sup>{about}</sup>"},
+                      width=max(900, 140 + 120 * k), height=min(2400, 220 + 28 * len(points)), margin={"t": 110})
+    return fig
+
+
+def _layers_figure(title: str, records, about: str) -> go.Figure:
+    labels = records[0]["dla_layers"].labels("component")
+    series = []
+    if len(records) > 1:
+        for record in records:
+            series.append({"name": "each prompt", "values": record["dla_layers"].values.tolist(), "faint": True,
+                           "legend": record is records[0]})
+    mean = [sum(r["dla_layers"].values[i].item() for r in records) / len(records) for i in range(len(labels))]
+    series.append({"name": "direct logit attribution" + (" (mean)" if len(records) > 1 else ""), "values": mean})
+    return line_plot(labels, series, title=f"{title}<br><sup>{about}</sup>", x_title="component", y_title=Y_TITLE)
+
+
+def _heads_figure(title: str, values, about: str) -> go.Figure:
+    layers, heads = values.shape
+    return heatmap(values, title=f"{title}<br><sup>{about}</sup>", x_title="head", y_title="layer",
+                   x_labels=[f"H{h}" for h in range(heads)], y_labels=[f"L{layer}" for layer in range(layers)],
+                   colorbar_title="direct logit<br>attribution", zmid=0.0)
+
+
+def logit_attribution_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
+    run = _run_label(experiment, results)
+    analyses = experiment.analyses
+    records = results.records
+    figures = []
+    for record in records[:max_examples]:
+        about = f"{run} · example {record.index}<br>{_prompt_line(record)}"
+        stem = f"example-{record.index:04d}"
+        if "logit_lens" in analyses:
+            figures.append((_lens_figure("Logit lens: the answer read off the residual stream", [record], about),
+                            out_dir / f"{stem}-logit-lens"))
+            figures.append((_top_tokens_table(record, about), out_dir / f"{stem}-logit-lens-top-tokens"))
+        if "dla_layers" in analyses:
+            figures.append((_layers_figure("Direct logit attribution per layer", [record], about), out_dir / f"{stem}-dla-layers"))
+        if "dla_heads" in analyses:
+            figures.append((_heads_figure("Direct logit attribution per head", record["dla_heads"].values, about),
+                            out_dir / f"{stem}-dla-heads"))
+    if records:
+        mean_logit = sum(r.scalars["logit_diff"] for r in records) / len(records)
+        about = f"{run} · mean over {len(records)} prompts · mean logit difference {mean_logit:.3f}"
+        if "logit_lens" in analyses:
+            figures.append((_lens_figure("Logit lens (mean over prompts)", records, about), out_dir / "mean-logit-lens"))
+        if "dla_layers" in analyses:
+            figures.append((_layers_figure("Direct logit attribution per layer (mean over prompts)", records, about),
+                            out_dir / "mean-dla-layers"))
+        if "dla_heads" in analyses:
+            mean = results.stack("dla_heads").mean("example").values
+            figures.append((_heads_figure("Direct logit attribution per head (mean over prompts)", mean, about),
+                            out_dir / "mean-dla-heads"))
+    return write_figures(figures)
