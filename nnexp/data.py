@@ -60,12 +60,7 @@ class PromptPair:
         for name in PAIR_FIELDS:
             if not isinstance(record[name], str) or not record[name]:
                 raise DataError(f"{where}: field {name!r} must be a non-empty string, got {record[name]!r}")
-        group = record.get("group")
-        if group is not None and not isinstance(group, str):
-            raise DataError(f"{where}: field 'group' must be a string, got {group!r}")
-        roles = record.get("roles") or {}
-        if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
-            raise DataError(f"{where}: field 'roles' must map role names to strings, got {roles!r}")
+        group, roles = group_and_roles(record, where)
         meta = {k: v for k, v in record.items() if k not in PAIR_FIELDS + ("group", "roles")}
         return cls(
             clean=record["clean"],
@@ -76,6 +71,17 @@ class PromptPair:
             roles=roles,
             meta=meta,
         )
+
+
+def group_and_roles(record: dict, where: str) -> tuple[str | None, dict]:
+    """The optional "group" and "roles" fields of a record, validated."""
+    group = record.get("group")
+    if group is not None and not isinstance(group, str):
+        raise DataError(f"{where}: field 'group' must be a string, got {group!r}")
+    roles = record.get("roles") or {}
+    if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
+        raise DataError(f"{where}: field 'roles' must map role names to strings, got {roles!r}")
+    return group, roles
 
 
 def read_records(path) -> list[tuple[str, object]]:

@@ -127,8 +127,8 @@ class CompiledLogitAttribution:
         hf = model.hf
         self.n_layers = arch.n_layers
         self.n_heads = arch.n_heads
-        self.final_norm = NormForm.of(_get_module(hf, spec.final_norm), spec.final_norm)
         self.final_norm_module = _get_module(hf, spec.final_norm)
+        self.final_norm = NormForm.of(self.final_norm_module, spec.final_norm)
         unembed = _get_module(hf, spec.unembed)
         self.unembed = unembed
         self.W_U = unembed.weight  # [vocab, d_model]
@@ -209,7 +209,7 @@ class CompiledLogitAttribution:
         if self.b_U is not None:
             bias = bias + (self.b_U[answer] - self.b_U[foil]).float()
         final = f32["final"]
-        norm = _on(self.final_norm, device)
+        norm = self.final_norm.to(device)
         scale = norm.scale(final)  # [rows, 1]
 
         def project(stack: torch.Tensor) -> torch.Tensor:  # [..., rows, d] -> [..., rows]
@@ -291,7 +291,7 @@ class CompiledLogitAttribution:
             per_head = torch.einsum("rhk,hkd->hrd", z, matrix.float())  # [H, rows, d]
             bias = (proj_bias.float() if proj_bias is not None else torch.zeros_like(per_head[0, 0])).expand(rows, -1)
             if self.post_attn_norms:
-                post = _on(self.post_attn_norms[layer], device)
+                post = self.post_attn_norms[layer].to(device)
                 scale = post.scale(f32[f"o.{layer}"])
                 per_head = post.linear(per_head, scale)
                 bias = post.linear(bias, scale) + (post.beta if post.beta is not None else 0.0)
@@ -342,6 +342,3 @@ class CompiledLogitAttribution:
                     "mlp_out, final_norm), or run in float32"
                 )
 
-
-def _on(form: NormForm, device) -> NormForm:
-    return NormForm(form.centre, form.eps, form.gamma.to(device), None if form.beta is None else form.beta.to(device), form.kind)

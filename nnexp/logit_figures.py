@@ -38,18 +38,26 @@ def _lens_hover(record, k: int = 3) -> list[str]:
     return [", ".join(f"{token_label(t)} {p:.2f}" for t, p in zip(tokens[:k], ps[:k])) for tokens, ps in zip(top, probs)]
 
 
+def _mean(records, name: str) -> list[float]:
+    return (sum(r[name].values.float() for r in records) / len(records)).tolist()
+
+
+def _each_prompt(records, name: str, label: str) -> list[dict]:
+    """Faint lines for each prompt under a mean (none for a single prompt)."""
+    if len(records) < 2:
+        return []
+    return [{"name": label, "values": r[name].values.tolist(), "faint": True, "legend": i == 0}
+            for i, r in enumerate(records)]
+
+
 def _lens_figure(title: str, records, about: str) -> go.Figure:
     points = records[0]["logit_lens"].labels("point")
-    series = []
-    if len(records) > 1:
-        for record in records:
-            series.append({"name": "each prompt (final norm afresh)", "values": record["logit_lens"].values.tolist(), "faint": True,
-                           "legend": record is records[0]})
-    mean = lambda name: [sum(r[name].values[i].item() for r in records) / len(records) for i in range(len(points))]  # noqa: E731
     hover = _lens_hover(records[0]) if len(records) == 1 else None
-    series.append({"name": "final norm applied afresh (logit lens)", "values": mean("logit_lens"),
-                   "hover": ["top: " + h for h in hover] if hover else None})
-    series.append({"name": "final norm linearised (cached final scale)", "values": mean("logit_lens_linear")})
+    series = _each_prompt(records, "logit_lens", "each prompt (final norm afresh)") + [
+        {"name": "final norm applied afresh (logit lens)", "values": _mean(records, "logit_lens"),
+         "hover": ["top: " + h for h in hover] if hover else None},
+        {"name": "final norm linearised (cached final scale)", "values": _mean(records, "logit_lens_linear")},
+    ]
     return line_plot(points, series, title=f"{title}<br><sup>{about}</sup>",
                      x_title="residual stream point (L_pre: block L input; L_mid: after its attention)", y_title=Y_TITLE)
 
@@ -71,13 +79,9 @@ def _top_tokens_table(record, about: str) -> go.Figure:
 
 def _layers_figure(title: str, records, about: str) -> go.Figure:
     labels = records[0]["dla_layers"].labels("component")
-    series = []
-    if len(records) > 1:
-        for record in records:
-            series.append({"name": "each prompt", "values": record["dla_layers"].values.tolist(), "faint": True,
-                           "legend": record is records[0]})
-    mean = [sum(r["dla_layers"].values[i].item() for r in records) / len(records) for i in range(len(labels))]
-    series.append({"name": "direct logit attribution" + (" (mean)" if len(records) > 1 else ""), "values": mean})
+    series = _each_prompt(records, "dla_layers", "each prompt") + [
+        {"name": "direct logit attribution" + (" (mean)" if len(records) > 1 else ""), "values": _mean(records, "dla_layers")}
+    ]
     return line_plot(labels, series, title=f"{title}<br><sup>{about}</sup>", x_title="component", y_title=Y_TITLE)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import PromptPair, continuation_token, read_records, token_strings
+from .data import PromptPair, continuation_token, group_and_roles, read_records, token_strings
 from .errors import DataError
 
 PROMPT_FIELDS = ("prompt", "answer", "foil")
@@ -63,12 +63,7 @@ class Prompt:
         for name in (key, "answer", "foil"):
             if not isinstance(record[name], str) or not record[name]:
                 raise DataError(f"{where}: field {name!r} must be a non-empty string, got {record[name]!r}")
-        group = record.get("group")
-        if group is not None and not isinstance(group, str):
-            raise DataError(f"{where}: field 'group' must be a string, got {group!r}")
-        roles = record.get("roles") or {}
-        if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
-            raise DataError(f"{where}: field 'roles' must map role names to strings, got {roles!r}")
+        group, roles = group_and_roles(record, where)
         meta = {k: v for k, v in record.items() if k not in (key, "answer", "foil", "group", "roles")}
         return cls(record[key], record["answer"], record["foil"], group, roles, meta)
 

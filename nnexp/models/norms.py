@@ -61,6 +61,10 @@ class NormForm:
         """gamma * C(c) / s for each component c of `stack` ([..., d_model]), no beta."""
         return self.centred(stack.float()) / scale * self.gamma
 
+    def to(self, device) -> NormForm:
+        beta = None if self.beta is None else self.beta.to(device)
+        return NormForm(self.centre, self.eps, self.gamma.to(device), beta, self.kind)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x, self.scale(x))
         return out if self.beta is None else out + self.beta
