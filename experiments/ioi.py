@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 
 from nnexp.data import PromptPair
+from nnexp.errors import ConfigError
 
 NAMES = (
     "John Mary Tom James Dan Sid Martin Amy Alice Bob Paul Sarah Kate Mark Anna Lisa David "
@@ -91,3 +92,23 @@ def classic_ioi() -> list[PromptPair]:
         out.append(ioi_pair(template, io=second, s=first, io_first=False))
         out.append(ioi_pair(template, io=first, s=second, io_first=True))
     return out
+
+
+# -- the built-in data of the IOI experiments ------------------------------------------
+
+BUILTIN_DATASETS = ("generated", "classic")
+
+
+def check_builtin(dataset: str, n_examples: int) -> None:
+    """Validate an IOI experiment's `dataset` and `n_examples` parameters."""
+    if dataset not in BUILTIN_DATASETS:
+        raise ConfigError(f"dataset must be 'generated' or 'classic', got {dataset!r}")
+    if n_examples < 1:
+        raise ConfigError(f"n_examples is {n_examples}; it must be at least 1")
+
+
+def builtin_pairs(dataset: str, n_examples: int, seed: int) -> list[PromptPair]:
+    """"classic": TransformerLens' 8 prompts; "generated": `n_examples` seeded ones, all templates."""
+    if dataset == "classic":
+        return classic_ioi()
+    return generate_ioi(n_examples, seed=seed, templates=tuple(TEMPLATES))

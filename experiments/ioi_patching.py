@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnexp.errors import ConfigError
 from nnexp.patching import PatchingExperiment
 
-from .ioi import TEMPLATES, classic_ioi, generate_ioi
+from .ioi import builtin_pairs, check_builtin
 
 
 @dataclass
@@ -32,12 +31,7 @@ class IOIPatching(PatchingExperiment):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dataset not in ("generated", "classic"):
-            raise ConfigError(f"dataset must be 'generated' or 'classic', got {self.dataset!r}")
-        if self.n_examples < 1:
-            raise ConfigError(f"n_examples is {self.n_examples}; it must be at least 1")
+        check_builtin(self.dataset, self.n_examples)
 
     def default_examples(self):
-        if self.dataset == "classic":
-            return classic_ioi()
-        return generate_ioi(self.n_examples, seed=self.seed, templates=tuple(TEMPLATES))
+        return builtin_pairs(self.dataset, self.n_examples, self.seed)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnexp.errors import ConfigError
 from nnexp.logit_attribution import ANALYSES, LogitAttributionExperiment
 from nnexp.prompts import Prompt
 
-from .ioi import TEMPLATES, classic_ioi, generate_ioi
+from .ioi import builtin_pairs, check_builtin
 
 
 @dataclass
@@ -31,14 +30,10 @@ class _IOILogitAttribution(LogitAttributionExperiment):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dataset not in ("generated", "classic"):
-            raise ConfigError(f"dataset must be 'generated' or 'classic', got {self.dataset!r}")
-        if self.n_examples < 1:
-            raise ConfigError(f"n_examples is {self.n_examples}; it must be at least 1")
+        check_builtin(self.dataset, self.n_examples)
 
     def default_examples(self) -> list[Prompt]:
-        pairs = classic_ioi() if self.dataset == "classic" else generate_ioi(self.n_examples, self.seed, tuple(TEMPLATES))
-        return [Prompt.from_pair(pair) for pair in pairs]
+        return [Prompt.from_pair(pair) for pair in builtin_pairs(self.dataset, self.n_examples, self.seed)]
 
 
 @dataclass

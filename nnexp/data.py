@@ -39,13 +39,7 @@ class PromptPair:
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        record = {name: getattr(self, name) for name in PAIR_FIELDS}
-        if self.group is not None:
-            record["group"] = self.group
-        if self.roles:
-            record["roles"] = dict(self.roles)
-        record.update(self.meta)
-        return record
+        return record_json(self, PAIR_FIELDS)
 
     @classmethod
     def from_json(cls, record, where: str) -> PromptPair:
@@ -71,6 +65,17 @@ class PromptPair:
             roles=roles,
             meta=meta,
         )
+
+
+def record_json(example, fields: tuple[str, ...]) -> dict:
+    """An example (pair or prompt) as its JSON record: `fields`, then group, roles, meta."""
+    record = {name: getattr(example, name) for name in fields}
+    if example.group is not None:
+        record["group"] = example.group
+    if example.roles:
+        record["roles"] = dict(example.roles)
+    record.update(example.meta)
+    return record
 
 
 def group_and_roles(record: dict, where: str) -> tuple[str | None, dict]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import PromptPair, continuation_token, group_and_roles, read_records, token_strings
+from .data import PromptPair, continuation_token, group_and_roles, read_records, record_json, token_strings
 from .errors import DataError
 
 PROMPT_FIELDS = ("prompt", "answer", "foil")
@@ -32,13 +32,7 @@ class Prompt:
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        record = {name: getattr(self, name) for name in PROMPT_FIELDS}
-        if self.group is not None:
-            record["group"] = self.group
-        if self.roles:
-            record["roles"] = dict(self.roles)
-        record.update(self.meta)
-        return record
+        return record_json(self, PROMPT_FIELDS)
 
     @classmethod
     def from_pair(cls, pair: PromptPair) -> Prompt:
