@@ -169,6 +169,10 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
+class MultiTokenError(DataError):
+    """An answer or target that is not one next token."""
+
+
 def continuation_token(tokenizer, prompt: str, prompt_ids: list[int], text: str, what: str, where: str) -> int:
     """The single token that `text` adds after `prompt`, or a DataError saying why not.
 
@@ -186,7 +190,7 @@ def continuation_token(tokenizer, prompt: str, prompt_ids: list[int], text: str,
     added = full[len(prompt_ids):]
     if len(added) != 1:
         pieces = token_strings(tokenizer, added)
-        raise DataError(
+        raise MultiTokenError(
             f"{where}: the {what} {text!r} is {len(added)} tokens {pieces} for this tokenizer; "
             f"the metric compares single next tokens, so choose a {what} that is one token"
         )
