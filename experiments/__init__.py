@@ -3,7 +3,9 @@
 Add a new one by defining its class in a module here and listing it below.
 """
 
+from .counterfact_attribution import CounterFactAttribution
 from .ioi_patching import IOIPatching
 from .logit_attribution import DLAHeads, DLALayers, LogitAttribution, LogitLens
 
-EXPERIMENTS = {cls.name: cls for cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution)}
+EXPERIMENTS = {cls.name: cls for cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution,
+                                           CounterFactAttribution)}

@@ -2,6 +2,7 @@
 
     nnexp list
     nnexp run ioi-patching [--model smollm2-135m] [--device cpu] [--data FILE] [--limit N] [--out DIR]
+    nnexp run counterfact-attribution [--metric contrast_logits_diff] [--site attn_out] [--load-in-8bit]
     nnexp resume results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
     nnexp plot results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
 
@@ -40,6 +41,8 @@ _FIELD_OPTIONS = {
     "positions": ("positions", _positions),
     "head_positions": ("head_positions", _positions),
     "metric": ("metric", str),
+    "site": ("site", str),
+    "dataset": ("dataset", str),
 }
 
 
@@ -75,8 +78,11 @@ def _experiment_params(cls, args) -> dict:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (shard across GPUs)")
     parser.add_argument("--examples-per-trace", type=int, default=None,
-                        help="examples batched into one trace (default: 1 for patching, 16 for logit attribution)")
+                        help="examples batched into one trace (default: 1 for patching, 16 for logit and gradient attribution)")
     parser.add_argument("--max-rows", type=int, default=None, help="split traces with more rows than this (bounds memory)")
+    parser.add_argument("--memory-budget", default=None, metavar="BYTES",
+                        help="activation memory one trace may use, e.g. 2GB or 512MiB; traces are split to fit "
+                             "(gradient attribution)")
     parser.add_argument("--no-figures", action="store_true", help="store results without drawing figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
 
@@ -100,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--positions", default=None, help="each, all, or comma-separated positions")
     run.add_argument("--head-positions", dest="head_positions", default=None, help="each, all, or positions, for head sites")
     run.add_argument("--metric", default=None, help="metric name (see `nnexp list`)")
+    run.add_argument("--site", default=None, help="the one site of gradient attribution: mlp_out, attn_out, resid_pre, resid_post")
+    run.add_argument("--dataset", default=None, help="CounterFact source: builtin, hub, or a dataset id or folder")
+    run.add_argument("--load-in-8bit", dest="load_in_8bit", action="store_true",
+                     help="load the model in 8 bits with bitsandbytes (CUDA GPUs only)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment parameter (value as JSON), repeatable")
     _add_run_options(run)
 
@@ -161,6 +171,8 @@ def cmd_run(args) -> None:
         dtype=args.dtype,
         examples_per_trace=args.examples_per_trace,
         max_rows=args.max_rows,
+        memory_budget=args.memory_budget,
+        load_in_8bit=args.load_in_8bit,
         figures=not args.no_figures,
     )
     print(results.path)
@@ -187,6 +199,8 @@ def cmd_resume(args) -> None:
         dtype=spec["model"]["dtype"],
         examples_per_trace=args.examples_per_trace,
         max_rows=args.max_rows,
+        memory_budget=args.memory_budget,
+        load_in_8bit=spec["model"].get("quantization") == "8bit",
         figures=not args.no_figures,
     )
     print(results.path)

@@ -69,3 +69,15 @@ def prob(logits, answer, foil):
 def prob_diff(logits, answer, foil):
     probs = torch.softmax(logits, dim=-1)
     return _pick(probs, answer) - _pick(probs, foil)
+
+
+# Inseq's names for the contrastive metrics (Yin and Neubig 2022), so that gradient
+# attribution can be asked for exactly as in Inseq's `attributed_fn`.
+@register_metric("contrast_prob_diff", "p(answer) - p(foil) at the last position (Inseq's name for prob_diff)")
+def contrast_prob_diff(logits, answer, foil):
+    return prob_diff(logits, answer, foil)
+
+
+@register_metric("contrast_logits_diff", "logit(answer) - logit(foil) at the last position (Inseq's name for logit_diff)")
+def contrast_logits_diff(logits, answer, foil):
+    return logit_diff(logits, answer, foil)

@@ -61,6 +61,8 @@ def run(
     dtype: str = "float32",
     examples_per_trace: int | None = None,
     max_rows: int | None = None,
+    memory_budget: int | str | None = None,
+    load_in_8bit: bool = False,
     figures: bool = True,
 ) -> Results:
     """Run `experiment` on `model` and store the results; returns them loaded.
@@ -76,6 +78,10 @@ def run(
             experiment kind's `examples_per_trace`; 1 for patching, whose single
             example already fills a trace with hundreds of rows).
         max_rows: split any trace with more rows than this (memory bound).
+        memory_budget: bytes of activation memory one trace may use ("2GB", "512MiB");
+            traces are split to fit. Supported by gradient attribution, whose backward
+            pass keeps the whole forward graph; other kinds take `max_rows`.
+        load_in_8bit: when `model` is a name, load it in 8 bits (bitsandbytes, CUDA only).
         figures: draw figures when the run completes.
     """
     if examples_per_trace is None:
@@ -85,7 +91,7 @@ def run(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit is {limit}; give a positive number of examples")
     if isinstance(model, str):
-        model = load_model(model, device=device, dtype=dtype)
+        model = load_model(model, device=device, dtype=dtype, load_in_8bit=load_in_8bit)
     examples = experiment.examples()
     total = len(examples)
     if limit is not None:
@@ -93,8 +99,20 @@ def run(
 
     compiled = experiment.compile(model)  # validates sites/layers/heads against the model
     items = [compiled.prepare(example, index) for index, example in enumerate(examples)]
+    if hasattr(compiled, "select"):
+        # e.g. keep only the facts the model predicts (gradient attribution's only_correct)
+        items = compiled.select(items, examples_per_trace)
+    if memory_budget is not None:
+        if not hasattr(compiled, "set_memory_budget"):
+            raise ConfigError(
+                f"experiment {experiment.name!r} does not size its traces by a memory budget yet; "
+                "bound its memory with max_rows (--max-rows) instead"
+            )
+        from .tracing.memory import parse_bytes
 
-    options = {"examples_per_trace": examples_per_trace, "max_rows": max_rows}
+        compiled.set_memory_budget(items, parse_bytes(memory_budget))
+
+    options = {"examples_per_trace": examples_per_trace, "max_rows": max_rows, "memory_budget": memory_budget}
     spec = build_spec(experiment, model, total, options)
     directory = RunDirectory(out if out is not None else default_run_dir(spec))
     directory.open(spec)

@@ -51,7 +51,8 @@ def identity(spec: dict) -> dict:
             "class": spec["experiment"]["class"].rpartition(":")[2],
             "params": params,
         },
-        "model": {"name": model["name"], "source": model["source"], "dtype": model["dtype"]},
+        "model": {"name": model["name"], "source": model["source"], "dtype": model["dtype"],
+                  **({"quantization": model["quantization"]} if model.get("quantization") else {})},
         "data": data,
     }
 

@@ -49,6 +49,7 @@ class Model:
     tokenizer: object
     nn: object
     arch: Architecture
+    quantization: str | None = None  # "8bit" when loaded with bitsandbytes
 
     @property
     def device(self) -> torch.device:
@@ -56,7 +57,8 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
+        # the first floating parameter: 8-bit models also hold int8 weights
+        return next((p.dtype for p in self.hf.parameters() if p.is_floating_point()), torch.float32)
 
     def describe(self) -> dict:
         """What a results spec records about the model (enough to load it again)."""
@@ -67,6 +69,7 @@ class Model:
             "device": str(self.device),
             "class": type(self.hf).__name__,
             "attn_implementation": getattr(self.hf.config, "_attn_implementation", None),
+            **({"quantization": self.quantization} if self.quantization else {}),
             **self.arch.describe(),
         }
 
@@ -128,6 +131,7 @@ def load_model(
     device: str | None = "cpu",
     dtype="float32",
     attn_implementation: str | None = None,
+    load_in_8bit: bool = False,
 ) -> Model:
     """Load a causal LM by built-in alias, local folder, or Hugging Face Hub id.
 
@@ -137,12 +141,16 @@ def load_model(
         device: "cpu", "cuda", "cuda:N", or "auto" (shard across GPUs when present).
         dtype: "float32" (default), "float16" or "bfloat16".
         attn_implementation: passed to transformers ("eager", "sdpa"); None keeps its default.
+        load_in_8bit: quantise the linear layers to 8 bits with bitsandbytes (LLM.int8(), as
+            for GPT-2 XL on a small GPU); needs a CUDA GPU and the `bitsandbytes` package.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
     placement = _placement(device)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if load_in_8bit:
+        placement, extra["quantization_config"] = _eight_bit(device, placement)
 
     if name_or_path in ALIASES:
         path = alias_folder(name_or_path)
@@ -179,4 +187,27 @@ def load_model(
 
     if "device_map" not in placement and str(device or "cpu").lower() not in ("cpu", "auto"):
         hf_model.to(device)
-    return wrap_model(hf_model, tokenizer, name, source)
+    model = wrap_model(hf_model, tokenizer, name, source)
+    model.quantization = "8bit" if load_in_8bit else None
+    return model
+
+
+def _eight_bit(device: str | None, placement: dict) -> tuple[dict, object]:
+    """Placement and quantisation config for 8-bit loading, or a clear refusal."""
+    if not torch.cuda.is_available():
+        raise ModelError(
+            "8-bit loading (--load-in-8bit) runs on CUDA GPUs only (bitsandbytes' LLM.int8() kernels), and this "
+            "machine has no CUDA GPU visible to torch; drop --load-in-8bit (and use float32 or bfloat16), or run "
+            "on a machine with an NVIDIA GPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "8-bit loading needs the bitsandbytes package: pip install 'nnexp[8bit]' (or pip install bitsandbytes)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if str(device or "cpu").lower() == "cpu":
+        raise ModelError("8-bit loading puts the model on a CUDA GPU; use --device cuda (or auto) with --load-in-8bit")
+    return placement, BitsAndBytesConfig(load_in_8bit=True)

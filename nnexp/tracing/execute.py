@@ -1,7 +1,8 @@
 """Run traces: the only trace code in nnexp.
 
 `run_plan` runs a patching `TracePlan`; `read_last_position` reads activations at
-the last position for logit attribution.
+the last position for logit attribution; `gradient_x_activation` runs a forward and a
+backward pass for gradient attribution.
 
 nnsight 0.8 runs the body of `with model.trace(...)` as ordinary Python in a worker
 interleaved with the real forward pass: reading `envoy.output` waits until that
@@ -84,3 +85,68 @@ def read_last_position(
                 saved[key] = tensor[:, -1].clone().save()
             logits = nn.output.logits[:, -1, :].save()
     return dict(saved), logits
+
+
+def _checked(tensor: torch.Tensor, point: HookPoint, rows: int, tokens: int) -> torch.Tensor:
+    if tensor.dim() < 3 or tensor.shape[0] != rows or tensor.shape[1] != tokens:
+        raise ModelError(
+            f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{rows} rows, {tokens} tokens, ...]; "
+            "point its ArchSpec entry at a module whose tensor has that layout"
+        )
+    return tensor
+
+
+def gradient_x_activation(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    points: list[tuple[str, HookPoint]],
+    metric_name: str,
+    answer: torch.Tensor,
+    foil: torch.Tensor,
+    keep_hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One forward and one backward pass over a left-padded batch: gradient x
+    activation of the metric (one value per row, from the last-position logits) at
+    every hook point, every position.
+
+    Gradients flow from the token embedding's output, which is made to require
+    gradients; the parameters are frozen, so no weight gradient is computed or kept.
+    Rows do not interact (padding is masked), so the gradient of the sum of the rows'
+    metrics gives each row its own gradient.
+
+    Returns, on the CPU, in float32: "raw" [points, rows, tokens] (summed over the
+    hidden dimension), "l2" [points, rows, tokens] (its L2 norm over the hidden
+    dimension), "hidden" [points, rows, tokens, d] when `keep_hidden`, "metric"
+    [rows] and "logits" [rows, vocab] at the last position.
+    """
+    from .memory import frozen_parameters
+
+    metric = get_metric(metric_name).fn
+    device = model.device
+    nn = model.nn
+    rows, tokens = input_ids.shape
+    answer, foil = answer.to(device), foil.to(device)
+    raw, l2, hidden, last = [], [], [], []
+    with frozen_parameters(model.hf), torch.enable_grad():
+        with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
+            nn.get(model.arch.spec.embed).output.requires_grad_(True)
+            activations = []
+            for _, point in points:
+                envoy = nn.get(point.module)
+                value = envoy.output if point.io == "output" else envoy.input
+                activations.append(_checked(value if point.index is None else value[point.index], point, rows, tokens))
+            logits = nn.output.logits[:, -1, :].float()
+            values = metric(logits, answer, foil)
+            grads = torch.autograd.grad(values.sum(), activations)
+            for activation, grad in zip(activations, grads):
+                product = grad.detach().float() * activation.detach().float()
+                raw.append(product.sum(-1).cpu())
+                l2.append(product.norm(dim=-1).cpu())
+                if keep_hidden:
+                    hidden.append(product.cpu())
+            last.extend([values.detach().cpu(), logits.detach().cpu()])
+    out = {"raw": torch.stack(raw), "l2": torch.stack(l2), "metric": last[0], "logits": last[1]}
+    if keep_hidden:
+        out["hidden"] = torch.stack(hidden)
+    return out

@@ -1,0 +1,314 @@
+"""Contrastive gradient attribution: gradient x activation at every layer, per position.
+
+For a prompt whose next token should be the true attribute (" Paris") rather than a
+false one (" Rome"), the `GradientAttributionExperiment` kind computes, for every
+layer L and position t, the gradient of a metric with respect to a site's output
+(the MLP output by default) times that output: Inseq's
+`layer_gradient_x_activation` with `attributed_fn=metric`, as in Inseq's
+"locating factual knowledge in GPT-2" study (Yin and Neubig 2022). All layers come
+from ONE forward and ONE backward pass per batch of examples; the parameters are
+frozen, so the backward computes activation gradients only.
+
+Metrics (`nnexp list` shows all): `contrast_prob_diff` = p(true) - p(false) (the
+default), `contrast_logits_diff` = logit(true) - logit(false), `prob` and `logit`
+of the true target.
+
+Stored per example (`layer` x `position`, positions are the prompt's tokens):
+
+- `attribution`: the raw attribution, sum over the hidden dimension of
+  gradient x activation. Signed; summing over positions and layers does NOT give the
+  metric (gradient x activation is a first-order, per-site estimate).
+- `attribution_norm`: Inseq's default aggregation of the same tensor: the L2 norm
+  over the hidden dimension, then divided by its sum over the positions (each
+  layer's row sums to 1; the sign is lost).
+- `attribution_hidden` (`layer` x `position` x `hidden`, only with `keep_hidden`): the
+  tensor before any aggregation, as Inseq's `target_attributions`.
+
+Targets must be single tokens. Inseq attributes a multi-token target one
+generation step at a time; nnexp rejects it instead (`multi_token="error"`, the
+default) or drops such facts with a count (`multi_token="skip"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from .console import note
+from .counterfact import Fact, load_counterfact, load_facts
+from .data import MultiTokenError, continuation_token, token_strings
+from .errors import ConfigError, DataError
+from .experiment import Experiment
+from .labelled import LabelledTensor
+from .metrics import get_metric
+from .results import ExampleRecord
+from .sites import check_layers, resolve_site
+from .subject import subject_span
+from .tracing.execute import gradient_x_activation, read_last_position
+from .tracing.plan import left_pad
+
+GRADIENT_SITES = ("mlp_out", "attn_out", "resid_pre", "resid_post")
+MULTI_TOKEN = ("error", "skip")
+
+
+@dataclass
+class GradientAttributionExperiment(Experiment):
+    """Gradient x activation of a (contrastive) metric at one site of every layer.
+
+    Fields:
+        dataset: the facts when no data file is given: "builtin" (105 facts, offline),
+            "hub" (NeelNanda/counterfact-tracing via `datasets`), or another dataset id
+            or local dataset folder with the same fields.
+        site: "mlp_out" (default), "attn_out", "resid_pre" or "resid_post".
+        metric: "contrast_prob_diff" (default), "contrast_logits_diff", "prob", "logit",
+            or any registered metric of (logits, true, false).
+        layers: layers to attribute (negative counts from the end); None = all.
+        only_correct: keep only facts whose top next-token prediction is the true
+            target (as Meng et al. and Geva et al. do); the count is reported.
+        multi_token: "error" (default) or "skip" facts whose targets are not single tokens.
+        keep_hidden: also store the attributions per hidden unit (large).
+    """
+
+    # one row per fact: 16 short prompts make a small forward and backward pass
+    examples_per_trace: ClassVar[int] = 16
+
+    dataset: str = "builtin"
+    site: str = "mlp_out"
+    metric: str = "contrast_prob_diff"
+    layers: tuple | None = None
+    only_correct: bool = False
+    multi_token: str = "error"
+    keep_hidden: bool = False
+
+    def __post_init__(self) -> None:
+        if self.site not in GRADIENT_SITES:
+            raise ConfigError(f"site {self.site!r} is not supported for gradient attribution; choose one of {', '.join(GRADIENT_SITES)}")
+        get_metric(self.metric)  # unknown metric -> clear error
+        if self.multi_token not in MULTI_TOKEN:
+            raise ConfigError(f"multi_token is {self.multi_token!r}; choose 'error' or 'skip'")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+
+    def default_examples(self) -> list[Fact]:
+        return load_counterfact(self.dataset)
+
+    def read_data_file(self, path: str) -> list[Fact]:
+        return load_facts(path)
+
+    def data_source(self) -> dict:
+        if self.data:
+            return super().data_source()
+        return {"kind": "builtin" if self.dataset == "builtin" else "dataset", "dataset": self.dataset}
+
+    def compile(self, model) -> CompiledGradientAttribution:
+        return CompiledGradientAttribution(self, model)
+
+    def figures(self, results, out_dir: Path) -> list[Path]:
+        from .gradient_figures import gradient_attribution_figures
+
+        return gradient_attribution_figures(self, results, out_dir)
+
+
+@dataclass
+class TokenizedFact:
+    index: int
+    fact: Fact
+    ids: list[int]
+    true_id: int
+    false_id: int
+    tokens: list[str]
+    subject: tuple[int, int]  # token positions [start, end)
+
+    def info(self) -> dict:
+        return {
+            "index": self.index,
+            **self.fact.to_json(),
+            "ids": self.ids,
+            "target_true_id": self.true_id,
+            "target_false_id": self.false_id,
+            "tokens": self.tokens,
+            "subject_tokens": list(self.subject),
+        }
+
+
+def tokenize_fact(tokenizer, fact: Fact, index: int) -> TokenizedFact:
+    where = f"example {index}"
+    ids = tokenizer(fact.prompt).input_ids
+    try:
+        true_id = continuation_token(tokenizer, fact.prompt, ids, fact.target_true, "target_true", where)
+        false_id = continuation_token(tokenizer, fact.prompt, ids, fact.target_false, "target_false", where)
+    except MultiTokenError as error:
+        raise MultiTokenError(
+            f"{error} (Inseq would attribute such a target one generation step at a time; nnexp attributes "
+            "single next tokens only: pass multi_token=skip (--set multi_token=skip) to drop these facts "
+            "with a count)"
+        ) from None
+    if true_id == false_id:
+        raise DataError(f"{where}: target_true {fact.target_true!r} and target_false {fact.target_false!r} are the same token")
+    span = subject_span(tokenizer, fact.prompt, ids, fact.subject, where)
+    return TokenizedFact(index, fact, ids, true_id, false_id, token_strings(tokenizer, ids), span)
+
+
+@dataclass
+class _Item:
+    index: int
+    fact: TokenizedFact | None
+    problem: str | None = None  # why this fact is skipped (multi_token="skip")
+
+
+class CompiledGradientAttribution:
+    """A `GradientAttributionExperiment` bound to a model."""
+
+    def __init__(self, experiment: GradientAttributionExperiment, model) -> None:
+        self.experiment = experiment
+        self.model = model
+        arch = model.arch
+        layers = list(range(arch.n_layers)) if experiment.layers is None else list(experiment.layers)
+        self.layers = check_layers(layers, arch)
+        self.points = [(f"{experiment.site}.{layer}", resolve_site(experiment.site, layer, arch)) for layer in self.layers]
+        # hook points must be visited in forward order
+        self.points.sort(key=lambda kp: kp[1].order)
+        self.layers = [int(key.rpartition(".")[2]) for key, _ in self.points]
+        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        self.rows_per_trace: int | None = None
+
+    # -- preparing ---------------------------------------------------------------
+
+    def prepare(self, example, index: int) -> _Item:
+        if not isinstance(example, Fact):
+            raise DataError(f"example {index}: gradient attribution needs CounterFact facts, got {type(example).__name__}")
+        try:
+            return _Item(index, tokenize_fact(self.model.tokenizer, example, index))
+        except MultiTokenError as error:
+            if self.experiment.multi_token == "skip":
+                return _Item(index, None, str(error).partition(" for this tokenizer")[0])
+            raise
+
+    def select(self, items: list[_Item], batch: int) -> list[_Item]:
+        """Drop facts with multi-token targets (when asked to skip them) and, with
+        `only_correct`, facts the model does not predict; report both counts."""
+        skipped = [item for item in items if item.fact is None]
+        items = [item for item in items if item.fact is not None]
+        if skipped:
+            note(f"skipped {len(skipped)} of {len(skipped) + len(items)} facts whose targets are not single tokens "
+                 f"for {self.model.name} (first: {skipped[0].problem})")
+        if not items:
+            raise DataError("no fact has single-token targets for this tokenizer; nothing to attribute")
+        if not self.experiment.only_correct:
+            return items
+        kept = []
+        with torch.no_grad():
+            for start in range(0, len(items), batch):
+                chunk = items[start : start + batch]
+                input_ids, mask, _ = left_pad([item.fact.ids for item in chunk], self.pad_id)
+                _, logits = read_last_position(self.model, input_ids, mask, [])
+                predicted = logits.argmax(-1).tolist()
+                kept += [item for item, top in zip(chunk, predicted) if top == item.fact.true_id]
+        note(f"only_correct: {self.model.name} predicts the true target first for {len(kept)} of {len(items)} facts; "
+             "only those are attributed")
+        if not kept:
+            raise DataError(f"{self.model.name} predicts none of the {len(items)} facts correctly; nothing to attribute "
+                            "(run without only_correct to attribute them anyway)")
+        return kept
+
+    def set_memory_budget(self, items: list[_Item], budget: int) -> int:
+        """Size batches so that the autograd graph of one trace fits in `budget` bytes."""
+        from .models.architectures import _get_module
+        from .tracing.memory import autograd_bytes_per_row
+
+        longest = max((item.fact for item in items), key=lambda f: len(f.ids))
+        per_row = autograd_bytes_per_row(self.model.hf, _get_module(self.model.hf, self.model.arch.spec.embed), longest.ids)
+        d_model = self.model.hf.get_input_embeddings().weight.shape[1]
+        kept = len(self.points) * len(longest.ids) * 4 * (2 + (d_model if self.experiment.keep_hidden else 0))
+        per_row += kept
+        rows = budget // per_row
+        if rows < 1:
+            raise ConfigError(
+                f"memory budget {budget} bytes is below what one row needs ({per_row} bytes for the longest prompt, "
+                f"{len(longest.ids)} tokens); raise the budget"
+            )
+        self.rows_per_trace = rows
+        note(f"memory budget {budget / 2**20:.0f} MiB: about {per_row / 2**20:.1f} MiB per row, so at most {rows} rows per trace")
+        return rows
+
+    # -- running -----------------------------------------------------------------
+
+    def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
+        """One forward + backward trace per batch of at most `max_rows` facts (and at
+        most what the memory budget allows)."""
+        if max_rows is not None and max_rows < 1:
+            raise ConfigError(f"max_rows is {max_rows}; a trace needs at least 1 row")
+        size = min(x for x in (len(items), max_rows, self.rows_per_trace) if x is not None)
+        records = []
+        for start in range(0, len(items), size):
+            records += self._run_batch(items[start : start + size])
+        return records
+
+    def _run_batch(self, items: list[_Item]) -> list[ExampleRecord]:
+        facts = [item.fact for item in items]
+        input_ids, mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
+        true = torch.tensor([fact.true_id for fact in facts])
+        false = torch.tensor([fact.false_id for fact in facts])
+        out = gradient_x_activation(self.model, input_ids, mask, self.points, self.experiment.metric, true, false,
+                                    keep_hidden=self.experiment.keep_hidden)
+        logits = out["logits"]
+        probs = logits.softmax(-1)
+        records = []
+        for row, fact in enumerate(facts):
+            start = offsets[row]
+            coords = {"layer": self.layers, "position": list(range(len(fact.ids)))}
+            raw = out["raw"][:, row, start:]
+            l2 = out["l2"][:, row, start:]
+            total = l2.sum(-1, keepdim=True)
+            tensors = {
+                "attribution": LabelledTensor(raw.clone(), ("layer", "position"), coords),
+                "attribution_norm": LabelledTensor(torch.where(total > 0, l2 / total, torch.zeros_like(l2)),
+                                                   ("layer", "position"), coords),
+            }
+            if "hidden" in out:
+                tensors["attribution_hidden"] = LabelledTensor(out["hidden"][:, row, start:].clone(),
+                                                               ("layer", "position", "hidden"), coords)
+            top = int(logits[row].argmax())
+            scalars = {
+                "metric": float(out["metric"][row]),
+                "p_true": float(probs[row, fact.true_id]),
+                "p_false": float(probs[row, fact.false_id]),
+                "logit_true": float(logits[row, fact.true_id]),
+                "logit_false": float(logits[row, fact.false_id]),
+                "correct": float(top == fact.true_id),
+            }
+            info = fact.info()
+            info["predicted"] = self.model.tokenizer.decode([top])
+            info["site"] = self.experiment.site
+            info["metric"] = self.experiment.metric
+            records.append(ExampleRecord(index=fact.index, tensors=tensors, scalars=scalars, info=info))
+        return records
+
+
+# -- views across examples -------------------------------------------------------------
+
+
+def subject_and_last_profile(results, name: str = "attribution") -> dict:
+    """Mean attribution per layer at the last subject token and at the last token,
+    over every stored example (prompts of any length).
+
+    Returns {"layers": [...], "last_subject_token": [L], "last_token": [L], "n": N}.
+    """
+    records = list(results)
+    if not records:
+        raise DataError(f"{results.path} holds no examples")
+    subject, last = [], []
+    for record in records:
+        values = record[name].values
+        end = record.info["subject_tokens"][1]
+        subject.append(values[:, end - 1])
+        last.append(values[:, -1])
+    return {
+        "layers": list(records[0][name].coords["layer"]),
+        "last_subject_token": torch.stack(subject).mean(0),
+        "last_token": torch.stack(last).mean(0),
+        "n": len(records),
+    }
