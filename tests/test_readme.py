@@ -57,3 +57,11 @@ def test_loading_example_works_on_the_demo_directory(tmp_path, smollm2):
     loaded = run_python(block("nnexp.load_results(") + "\nprint(effect.sel(layer=20).values.shape)\n", tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "torch.Size([16])"
+
+
+@pytest.mark.slow
+def test_counterfact_attribution_example_works_as_written(tmp_path, smollm2):
+    result = run_python(block("subject_and_last_profile(results)"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "LabelledTensor(layer=30, position=5)" and lines[1] == "68 [0, 16, 23]"
