@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import read_records
+from .data import load_examples
 from .errors import DataError
 
 BUILTIN_FILE = Path(__file__).parent / "builtin_data" / "counterfact.jsonl"
@@ -128,10 +128,7 @@ def _str_field(value):
 
 def load_facts(path) -> list[Fact]:
     """Facts from a local JSON Lines file or JSON array (flat or ROME records)."""
-    facts = [Fact.from_json(record, where) for where, record in read_records(path)]
-    if not facts:
-        raise DataError(f"data file {path} holds no records; it needs one CounterFact record per line")
-    return facts
+    return load_examples(path, Fact.from_json, "CounterFact record")
 
 
 def builtin_facts() -> list[Fact]:

@@ -120,12 +120,17 @@ def read_records(path) -> list[tuple[str, object]]:
     return out
 
 
+def load_examples(path, from_json, what: str = "JSON record") -> list:
+    """Every record of a data file parsed by `from_json(record, where)`; an empty file is an error."""
+    examples = [from_json(record, where) for where, record in read_records(path)]
+    if not examples:
+        raise DataError(f"data file {path} holds no records; it needs one {what} per line")
+    return examples
+
+
 def load_prompt_pairs(path) -> list[PromptPair]:
     """Read `PromptPair`s from a JSON Lines file (or a JSON array of records)."""
-    pairs = [PromptPair.from_json(record, where) for where, record in read_records(path)]
-    if not pairs:
-        raise DataError(f"data file {path} holds no records; it needs one JSON record per line")
-    return pairs
+    return load_examples(path, PromptPair.from_json)
 
 
 def file_fingerprint(path) -> dict:

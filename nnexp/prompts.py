@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import PromptPair, continuation_token, group_and_roles, read_records, record_json, token_strings
+from .data import PromptPair, continuation_token, group_and_roles, load_examples, record_json, token_strings
 from .errors import DataError
 
 PROMPT_FIELDS = ("prompt", "answer", "foil")
@@ -64,10 +64,7 @@ class Prompt:
 
 def load_prompts(path) -> list[Prompt]:
     """Read `Prompt`s from a JSON Lines file (or a JSON array of records)."""
-    prompts = [Prompt.from_json(record, where) for where, record in read_records(path)]
-    if not prompts:
-        raise DataError(f"data file {path} holds no records; it needs one JSON record per line")
-    return prompts
+    return load_examples(path, Prompt.from_json)
 
 
 @dataclass

@@ -87,6 +87,10 @@ def test_malformed_files(tmp_path):
         load_facts(path)
     with pytest.raises(DataError, match="does not exist"):
         load_facts(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match="holds no records; it needs one CounterFact record per line"):
+        load_facts(empty)
 
 
 def test_a_dataset_through_the_datasets_library(tmp_path):

@@ -73,22 +73,18 @@ def read_last_position(
             for key, point in points:
                 envoy = nn.get(point.module)
                 value = envoy.output if point.io == "output" else envoy.input
-                tensor = value if point.index is None else value[point.index]
                 # A position embedding may come back as [1, tokens, d] and broadcast.
-                if tensor.dim() < 3 or tensor.shape[0] not in (rows, 1) or tensor.shape[1] != tokens:
-                    raise ModelError(
-                        f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{rows} rows, "
-                        f"{tokens} tokens, ...]; point its ArchSpec entry at a module whose tensor has "
-                        "that layout"
-                    )
+                tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens,
+                                  broadcast_rows=True)
                 # clone: the model may later update a tensor it returned in place
                 saved[key] = tensor[:, -1].clone().save()
             logits = nn.output.logits[:, -1, :].save()
     return dict(saved), logits
 
 
-def _checked(tensor: torch.Tensor, point: HookPoint, rows: int, tokens: int) -> torch.Tensor:
-    if tensor.dim() < 3 or tensor.shape[0] != rows or tensor.shape[1] != tokens:
+def _checked(tensor: torch.Tensor, point: HookPoint, rows: int, tokens: int, broadcast_rows: bool = False) -> torch.Tensor:
+    """`tensor` if it is laid out [rows (or 1 when broadcast), tokens, ...]; else a clear error."""
+    if tensor.dim() < 3 or tensor.shape[0] not in ((rows, 1) if broadcast_rows else (rows,)) or tensor.shape[1] != tokens:
         raise ModelError(
             f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{rows} rows, {tokens} tokens, ...]; "
             "point its ArchSpec entry at a module whose tensor has that layout"
