@@ -202,6 +202,19 @@ def continuation_token(tokenizer, prompt: str, prompt_ids: list[int], text: str,
     return added[0]
 
 
+def answer_and_foil_tokens(tokenizer, prompt: str, prompt_ids: list[int], answer: str, foil: str, where: str,
+                           names: tuple[str, str] = ("answer", "foil")) -> tuple[int, int]:
+    """The single next tokens of the two texts a metric compares; they must differ."""
+    answer_id = continuation_token(tokenizer, prompt, prompt_ids, answer, names[0], where)
+    foil_id = continuation_token(tokenizer, prompt, prompt_ids, foil, names[1], where)
+    if answer_id == foil_id:
+        raise DataError(
+            f"{where}: {names[0]} {answer!r} and {names[1]} {foil!r} are the same token, so their "
+            f"logit difference is always 0; give a {names[1]} that differs from the {names[0]}"
+        )
+    return answer_id, foil_id
+
+
 def tokenize_pair(tokenizer, pair: PromptPair, index: int) -> TokenizedPair:
     where = f"example {index}"
     clean_ids = tokenizer(pair.clean).input_ids
@@ -212,13 +225,7 @@ def tokenize_pair(tokenizer, pair: PromptPair, index: int) -> TokenizedPair:
             f"{len(corrupted_ids)}; patching matches positions one to one, so both must tokenise "
             "to the same length (swap in words that are single tokens, e.g. single-token names)"
         )
-    answer_id = continuation_token(tokenizer, pair.clean, clean_ids, pair.answer, "answer", where)
-    foil_id = continuation_token(tokenizer, pair.clean, clean_ids, pair.foil, "foil", where)
-    if answer_id == foil_id:
-        raise DataError(
-            f"{where}: answer {pair.answer!r} and foil {pair.foil!r} are the same token, so their "
-            "logit difference is always 0; give a foil that differs from the answer"
-        )
+    answer_id, foil_id = answer_and_foil_tokens(tokenizer, pair.clean, clean_ids, pair.answer, pair.foil, where)
     return TokenizedPair(
         index=index,
         pair=pair,

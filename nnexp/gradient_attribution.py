@@ -39,7 +39,7 @@ import torch
 
 from .console import note
 from .counterfact import Fact, load_counterfact, load_facts
-from .data import MultiTokenError, continuation_token, token_strings
+from .data import MultiTokenError, answer_and_foil_tokens, token_strings
 from .errors import ConfigError, DataError
 from .experiment import Experiment
 from .labelled import LabelledTensor
@@ -138,16 +138,14 @@ def tokenize_fact(tokenizer, fact: Fact, index: int) -> TokenizedFact:
     where = f"example {index}"
     ids = tokenizer(fact.prompt).input_ids
     try:
-        true_id = continuation_token(tokenizer, fact.prompt, ids, fact.target_true, "target_true", where)
-        false_id = continuation_token(tokenizer, fact.prompt, ids, fact.target_false, "target_false", where)
+        true_id, false_id = answer_and_foil_tokens(tokenizer, fact.prompt, ids, fact.target_true, fact.target_false,
+                                                   where, names=("target_true", "target_false"))
     except MultiTokenError as error:
         raise MultiTokenError(
             f"{error} (Inseq would attribute such a target one generation step at a time; nnexp attributes "
             "single next tokens only: pass multi_token=skip (--set multi_token=skip) to drop these facts "
             "with a count)"
         ) from None
-    if true_id == false_id:
-        raise DataError(f"{where}: target_true {fact.target_true!r} and target_false {fact.target_false!r} are the same token")
     span = subject_span(tokenizer, fact.prompt, ids, fact.subject, where)
     return TokenizedFact(index, fact, ids, true_id, false_id, token_strings(tokenizer, ids), span)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import PromptPair, continuation_token, group_and_roles, load_examples, record_json, token_strings
+from .data import PromptPair, answer_and_foil_tokens, group_and_roles, load_examples, record_json, token_strings
 from .errors import DataError
 
 PROMPT_FIELDS = ("prompt", "answer", "foil")
@@ -96,11 +96,5 @@ class TokenizedPrompt:
 def tokenize_prompt(tokenizer, prompt: Prompt, index: int) -> TokenizedPrompt:
     where = f"example {index}"
     ids = tokenizer(prompt.prompt).input_ids
-    answer_id = continuation_token(tokenizer, prompt.prompt, ids, prompt.answer, "answer", where)
-    foil_id = continuation_token(tokenizer, prompt.prompt, ids, prompt.foil, "foil", where)
-    if answer_id == foil_id:
-        raise DataError(
-            f"{where}: answer {prompt.answer!r} and foil {prompt.foil!r} are the same token, so their "
-            "logit difference is always 0; give a foil that differs from the answer"
-        )
+    answer_id, foil_id = answer_and_foil_tokens(tokenizer, prompt.prompt, ids, prompt.answer, prompt.foil, where)
     return TokenizedPrompt(index, prompt, ids, answer_id, foil_id, token_strings(tokenizer, ids))
