@@ -48,7 +48,7 @@ from .results import ExampleRecord
 from .sites import check_layers, resolve_site
 from .subject import subject_span
 from .tracing.execute import gradient_x_activation, read_last_position
-from .tracing.plan import left_pad
+from .tracing.plan import left_pad, row_batches
 
 GRADIENT_SITES = ("mlp_out", "attn_out", "resid_pre", "resid_post")
 MULTI_TOKEN = ("error", "skip")
@@ -164,12 +164,9 @@ class CompiledGradientAttribution:
         self.experiment = experiment
         self.model = model
         arch = model.arch
-        layers = list(range(arch.n_layers)) if experiment.layers is None else list(experiment.layers)
-        self.layers = check_layers(layers, arch)
+        # one site per layer, so layer order is the forward order nnsight requires
+        self.layers = sorted(check_layers(experiment.layers, arch))
         self.points = [(f"{experiment.site}.{layer}", resolve_site(experiment.site, layer, arch)) for layer in self.layers]
-        # hook points must be visited in forward order
-        self.points.sort(key=lambda kp: kp[1].order)
-        self.layers = [int(key.rpartition(".")[2]) for key, _ in self.points]
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         self.rows_per_trace: int | None = None
 
@@ -237,13 +234,7 @@ class CompiledGradientAttribution:
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
         """One forward + backward trace per batch of at most `max_rows` facts (and at
         most what the memory budget allows)."""
-        if max_rows is not None and max_rows < 1:
-            raise ConfigError(f"max_rows is {max_rows}; a trace needs at least 1 row")
-        size = min(x for x in (len(items), max_rows, self.rows_per_trace) if x is not None)
-        records = []
-        for start in range(0, len(items), size):
-            records += self._run_batch(items[start : start + size])
-        return records
+        return [record for batch in row_batches(items, max_rows, self.rows_per_trace) for record in self._run_batch(batch)]
 
     def _run_batch(self, items: list[_Item]) -> list[ExampleRecord]:
         facts = [item.fact for item in items]

@@ -58,7 +58,7 @@ from .prompts import Prompt, TokenizedPrompt, load_prompts, tokenize_prompt
 from .results import ExampleRecord
 from .sites import HookPoint, resolve_site
 from .tracing.execute import read_last_position
-from .tracing.plan import left_pad
+from .tracing.plan import left_pad, row_batches
 
 ANALYSES = ("logit_lens", "dla_layers", "dla_heads")
 
@@ -183,13 +183,7 @@ class CompiledLogitAttribution:
 
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
         """One trace per batch of at most `max_rows` prompts (all of `items` by default)."""
-        if max_rows is not None and max_rows < 1:
-            raise ConfigError(f"max_rows is {max_rows}; a trace needs at least 1 row")
-        size = len(items) if max_rows is None else max_rows
-        records = []
-        for start in range(0, len(items), size):
-            records += self._run_batch(items[start : start + size])
-        return records
+        return [record for batch in row_batches(items, max_rows) for record in self._run_batch(batch)]
 
     @torch.no_grad()
     def _run_batch(self, items: list[_Item]) -> list[ExampleRecord]:

@@ -123,7 +123,7 @@ def gradient_x_activation(
     nn = model.nn
     rows, tokens = input_ids.shape
     answer, foil = answer.to(device), foil.to(device)
-    raw, l2, hidden, last = [], [], [], []
+    raw, l2, hidden = [], [], []
     with frozen_parameters(model.hf), torch.enable_grad():
         with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
             nn.get(model.arch.spec.embed).output.requires_grad_(True)
@@ -141,8 +141,9 @@ def gradient_x_activation(
                 l2.append(product.norm(dim=-1).cpu())
                 if keep_hidden:
                     hidden.append(product.cpu())
-            last.extend([values.detach().cpu(), logits.detach().cpu()])
-    out = {"raw": torch.stack(raw), "l2": torch.stack(l2), "metric": last[0], "logits": last[1]}
+            metric_values = values.detach().cpu().save()
+            last_logits = logits.detach().cpu().save()
+    out = {"raw": torch.stack(raw), "l2": torch.stack(l2), "metric": metric_values, "logits": last_logits}
     if keep_hidden:
         out["hidden"] = torch.stack(hidden)
     return out

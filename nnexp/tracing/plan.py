@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
 from ..sites import HookPoint
 
 
@@ -101,6 +102,15 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
         mask[row, offset:] = 1
         offsets.append(offset)
     return ids, mask, offsets
+
+
+def row_batches(items: list, max_rows: int | None = None, limit: int | None = None) -> list[list]:
+    """`items` in consecutive batches of at most `max_rows` (the user's bound) and at most
+    `limit` (e.g. what a memory budget allows); one batch when neither is given."""
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"max_rows is {max_rows}; a trace needs at least 1 row")
+    size = min([len(items)] + [x for x in (max_rows, limit) if x is not None])
+    return [items[start : start + size] for start in range(0, len(items), size)] if items else []
 
 
 def group_edits(entries: dict[HookPoint, list[CopyRows]]) -> list[tuple[HookPoint, list[CopyRows]]]:
