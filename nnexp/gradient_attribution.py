@@ -38,70 +38,47 @@ from typing import ClassVar
 import torch
 
 from .console import note
-from .counterfact import Fact, load_counterfact, load_facts
-from .data import MultiTokenError, answer_and_foil_tokens, token_strings
 from .errors import ConfigError, DataError
-from .experiment import Experiment
+from .fact_experiment import CompiledFactExperiment, FactExperiment, FactItem
 from .labelled import LabelledTensor
 from .metrics import get_metric
 from .results import ExampleRecord
 from .sites import check_layers, resolve_site
-from .subject import subject_span
-from .tracing.execute import gradient_x_activation, read_last_position
+from .tracing.execute import gradient_x_activation
 from .tracing.plan import left_pad, row_batches
 
 GRADIENT_SITES = ("mlp_out", "attn_out", "resid_pre", "resid_post")
-MULTI_TOKEN = ("error", "skip")
 
 
 @dataclass
-class GradientAttributionExperiment(Experiment):
+class GradientAttributionExperiment(FactExperiment):
     """Gradient x activation of a (contrastive) metric at one site of every layer.
 
-    Fields:
-        dataset: the facts when no data file is given: "builtin" (105 facts, offline),
-            "hub" (NeelNanda/counterfact-tracing via `datasets`), or another dataset id
-            or local dataset folder with the same fields.
+    Fields (besides `FactExperiment`'s dataset, only_correct, multi_token):
         site: "mlp_out" (default), "attn_out", "resid_pre" or "resid_post".
         metric: "contrast_prob_diff" (default), "contrast_logits_diff", "prob", "logit",
             or any registered metric of (logits, true, false).
         layers: layers to attribute (negative counts from the end); None = all.
-        only_correct: keep only facts whose top next-token prediction is the true
-            target (as Meng et al. and Geva et al. do); the count is reported.
-        multi_token: "error" (default) or "skip" facts whose targets are not single tokens.
         keep_hidden: also store the attributions per hidden unit (large).
     """
 
     # one row per fact: 16 short prompts make a small forward and backward pass
     examples_per_trace: ClassVar[int] = 16
+    multi_token_hint: ClassVar[str] = ("Inseq would attribute such a target one generation step at a time; nnexp "
+                                       "attributes single next tokens only")
 
-    dataset: str = "builtin"
     site: str = "mlp_out"
     metric: str = "contrast_prob_diff"
     layers: tuple | None = None
-    only_correct: bool = False
-    multi_token: str = "error"
     keep_hidden: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.site not in GRADIENT_SITES:
             raise ConfigError(f"site {self.site!r} is not supported for gradient attribution; choose one of {', '.join(GRADIENT_SITES)}")
         get_metric(self.metric)  # unknown metric -> clear error
-        if self.multi_token not in MULTI_TOKEN:
-            raise ConfigError(f"multi_token is {self.multi_token!r}; choose 'error' or 'skip'")
         if self.layers is not None:
             self.layers = tuple(self.layers)
-
-    def default_examples(self) -> list[Fact]:
-        return load_counterfact(self.dataset)
-
-    def read_data_file(self, path: str) -> list[Fact]:
-        return load_facts(path)
-
-    def data_source(self) -> dict:
-        if self.data:
-            return super().data_source()
-        return {"kind": "builtin" if self.dataset == "builtin" else "dataset", "dataset": self.dataset}
 
     def compile(self, model) -> CompiledGradientAttribution:
         return CompiledGradientAttribution(self, model)
@@ -112,104 +89,18 @@ class GradientAttributionExperiment(Experiment):
         return gradient_attribution_figures(self, results, out_dir)
 
 
-@dataclass
-class TokenizedFact:
-    index: int
-    fact: Fact
-    ids: list[int]
-    true_id: int
-    false_id: int
-    tokens: list[str]
-    subject: tuple[int, int]  # token positions [start, end)
-
-    def info(self) -> dict:
-        return {
-            "index": self.index,
-            **self.fact.to_json(),
-            "ids": self.ids,
-            "target_true_id": self.true_id,
-            "target_false_id": self.false_id,
-            "tokens": self.tokens,
-            "subject_tokens": list(self.subject),
-        }
-
-
-def tokenize_fact(tokenizer, fact: Fact, index: int) -> TokenizedFact:
-    where = f"example {index}"
-    ids = tokenizer(fact.prompt).input_ids
-    try:
-        true_id, false_id = answer_and_foil_tokens(tokenizer, fact.prompt, ids, fact.target_true, fact.target_false,
-                                                   where, names=("target_true", "target_false"))
-    except MultiTokenError as error:
-        raise MultiTokenError(
-            f"{error} (Inseq would attribute such a target one generation step at a time; nnexp attributes "
-            "single next tokens only: pass multi_token=skip (--set multi_token=skip) to drop these facts "
-            "with a count)"
-        ) from None
-    span = subject_span(tokenizer, fact.prompt, ids, fact.subject, where)
-    return TokenizedFact(index, fact, ids, true_id, false_id, token_strings(tokenizer, ids), span)
-
-
-@dataclass
-class _Item:
-    index: int
-    fact: TokenizedFact | None
-    problem: str | None = None  # why this fact is skipped (multi_token="skip")
-
-
-class CompiledGradientAttribution:
+class CompiledGradientAttribution(CompiledFactExperiment):
     """A `GradientAttributionExperiment` bound to a model."""
 
     def __init__(self, experiment: GradientAttributionExperiment, model) -> None:
-        self.experiment = experiment
-        self.model = model
+        super().__init__(experiment, model)
         arch = model.arch
         # one site per layer, so layer order is the forward order nnsight requires
         self.layers = sorted(check_layers(experiment.layers, arch))
         self.points = [(f"{experiment.site}.{layer}", resolve_site(experiment.site, layer, arch)) for layer in self.layers]
-        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         self.rows_per_trace: int | None = None
 
-    # -- preparing ---------------------------------------------------------------
-
-    def prepare(self, example, index: int) -> _Item:
-        if not isinstance(example, Fact):
-            raise DataError(f"example {index}: gradient attribution needs CounterFact facts, got {type(example).__name__}")
-        try:
-            return _Item(index, tokenize_fact(self.model.tokenizer, example, index))
-        except MultiTokenError as error:
-            if self.experiment.multi_token == "skip":
-                return _Item(index, None, str(error).partition(" for this tokenizer")[0])
-            raise
-
-    def select(self, items: list[_Item], batch: int) -> list[_Item]:
-        """Drop facts with multi-token targets (when asked to skip them) and, with
-        `only_correct`, facts the model does not predict; report both counts."""
-        skipped = [item for item in items if item.fact is None]
-        items = [item for item in items if item.fact is not None]
-        if skipped:
-            note(f"skipped {len(skipped)} of {len(skipped) + len(items)} facts whose targets are not single tokens "
-                 f"for {self.model.name} (first: {skipped[0].problem})")
-        if not items:
-            raise DataError("no fact has single-token targets for this tokenizer; nothing to attribute")
-        if not self.experiment.only_correct:
-            return items
-        kept = []
-        with torch.no_grad():
-            for start in range(0, len(items), batch):
-                chunk = items[start : start + batch]
-                input_ids, mask, _ = left_pad([item.fact.ids for item in chunk], self.pad_id)
-                _, logits = read_last_position(self.model, input_ids, mask, [])
-                predicted = logits.argmax(-1).tolist()
-                kept += [item for item, top in zip(chunk, predicted) if top == item.fact.true_id]
-        note(f"only_correct: {self.model.name} predicts the true target first for {len(kept)} of {len(items)} facts; "
-             "only those are attributed")
-        if not kept:
-            raise DataError(f"{self.model.name} predicts none of the {len(items)} facts correctly; nothing to attribute "
-                            "(run without only_correct to attribute them anyway)")
-        return kept
-
-    def set_memory_budget(self, items: list[_Item], budget: int) -> int:
+    def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
         """Size batches so that the autograd graph of one trace fits in `budget` bytes."""
         from .models.architectures import _get_module
         from .tracing.memory import autograd_bytes_per_row
@@ -231,12 +122,12 @@ class CompiledGradientAttribution:
 
     # -- running -----------------------------------------------------------------
 
-    def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
+    def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
         """One forward + backward trace per batch of at most `max_rows` facts (and at
         most what the memory budget allows)."""
         return [record for batch in row_batches(items, max_rows, self.rows_per_trace) for record in self._run_batch(batch)]
 
-    def _run_batch(self, items: list[_Item]) -> list[ExampleRecord]:
+    def _run_batch(self, items: list[FactItem]) -> list[ExampleRecord]:
         facts = [item.fact for item in items]
         input_ids, mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
         true = torch.tensor([fact.true_id for fact in facts])
