@@ -53,6 +53,13 @@ class LabelledTensor:
             coords.pop(dim, None)
         return LabelledTensor(values, tuple(dims), coords)
 
+    def item(self) -> float:
+        """The single value of a tensor with every axis selected away."""
+        return self.values.item()
+
+    def tolist(self) -> list | float:
+        return self.values.tolist()
+
     def mean(self, dim: str) -> LabelledTensor:
         axis = self.axis(dim)
         return LabelledTensor(

@@ -71,6 +71,11 @@ def prob_diff(logits, answer, foil):
     return _pick(probs, answer) - _pick(probs, foil)
 
 
+@register_metric("rank", "rank of the answer among all next tokens at the last position (1 = top)")
+def rank(logits, answer, foil):
+    return (logits > _pick(logits, answer).unsqueeze(-1)).sum(-1).to(logits.dtype) + 1
+
+
 # Inseq's names for the contrastive metrics (Yin and Neubig 2022), so that gradient
 # attribution can be asked for exactly as in Inseq's `attributed_fn`.
 @register_metric("contrast_prob_diff", "p(answer) - p(foil) at the last position (Inseq's name for prob_diff)")

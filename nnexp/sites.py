@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .models.architectures import Architecture
 
-# Within a block, the order in which the forward pass produces each site.
-_RANK = {"resid_pre": 0, "head_out": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
+# Within a block, the order in which the forward pass produces each site ("attn_mask":
+# the attention module's input mask, edited by attention knockout).
+_RANK = {"resid_pre": 0, "attn_mask": 1, "head_out": 2, "attn_out": 3, "mlp_out": 4, "resid_post": 5}
 
 SITES: dict[str, str] = {
     "resid_pre": "residual stream entering the block",
@@ -48,7 +49,8 @@ class HookPoint:
 
     Attributes:
         module: dotted module path from the root of the HF model.
-        io: "input" (first positional input) or "output".
+        io: "input" (first positional input), "output", or "attention_mask" (the
+            `attention_mask` keyword input of an attention module).
         index: tuple index of the tensor within the output, or None.
         order: sort key giving the forward pass's order of computation.
         n_heads: for head sites, the number of heads the last dimension splits into.
@@ -84,6 +86,16 @@ def resolve_site(site: str, layer: int, arch: Architecture) -> HookPoint:
         return HookPoint(f"{block}.{spec.mlp_out}", "output", spec.mlp_out_index, order)
     # head_out
     return HookPoint(f"{block}.{spec.head_proj}", "input", None, order, n_heads=arch.n_heads)
+
+
+def embedding_point(arch: Architecture) -> HookPoint:
+    """The token embedding's output, before block 0 (and before any position embedding)."""
+    return HookPoint(arch.spec.embed, "output", None, (-1, 0))
+
+
+def attention_mask_point(layer: int, arch: Architecture) -> HookPoint:
+    """The attention mask that block L's attention module receives."""
+    return HookPoint(f"{arch.block(layer)}.{arch.spec.attn}", "attention_mask", None, (layer, _RANK["attn_mask"]))
 
 
 def _check_indices(values, n: int, what: str, count: str) -> list[int]:

@@ -1,6 +1,6 @@
 """Run traces: the only trace code in nnexp.
 
-`run_plan` runs a patching `TracePlan`; `read_last_position` reads activations at
+`run_plan` runs a `TracePlan` (patching, knockout, ablation, causal tracing); `read_last_position` reads activations at
 the last position for logit attribution; `gradient_x_activation` runs a forward and a
 backward pass for gradient attribution.
 
@@ -23,8 +23,10 @@ from .plan import TracePlan
 
 
 def run_plan(model, plan: TracePlan) -> torch.Tensor:
-    """Execute `plan` on `model` (an `nnexp.models.Model`); return the metric per row, on CPU."""
-    metric = get_metric(plan.metric).fn
+    """Execute `plan` on `model` (an `nnexp.models.Model`); return the metric per row,
+    on CPU: [rows], or [rows, metrics] when `plan.metric` is a tuple of names."""
+    names = (plan.metric,) if isinstance(plan.metric, str) else tuple(plan.metric)
+    metrics = [get_metric(name).fn for name in names]
     device = model.device
     nn = model.nn
     edits = [(point, [edit.to(device) for edit in point_edits]) for point, point_edits in plan.edits]
@@ -40,6 +42,19 @@ def run_plan(model, plan: TracePlan) -> torch.Tensor:
         with nn.trace(plan.input_ids.to(device), **inputs, use_cache=False, logits_to_keep=1):
             for point, point_edits in edits:
                 envoy = nn.get(point.module)
+                if point.io == "attention_mask":
+                    args, kwargs = envoy.inputs
+                    if "attention_mask" not in kwargs:
+                        raise ModelError(
+                            f"{point.module} receives no attention_mask keyword, so nnexp cannot block its attention "
+                            "edges; attention knockout needs a Hugging Face attention module called with "
+                            "attention_mask=... (eager or SDPA attention)"
+                        )
+                    mask = kwargs["attention_mask"]
+                    for edit in point_edits:
+                        mask = edit.edit_mask(mask, expected[0], expected[1], device)
+                    envoy.inputs = (args, {**kwargs, "attention_mask": mask})
+                    continue
                 value = envoy.output if point.io == "output" else envoy.input
                 tensor = value if point.index is None else value[point.index]
                 if tuple(tensor.shape[:2]) != expected:
@@ -51,23 +66,31 @@ def run_plan(model, plan: TracePlan) -> torch.Tensor:
                 for edit in point_edits:
                     edit.apply(tensor, point)
             logits = nn.output.logits[:, -1, :].float()
-            values = metric(logits, answer, foil).cpu().save()
-    return values
+            values = torch.stack([metric(logits, answer, foil) for metric in metrics], -1).cpu().save()
+    return values[:, 0] if isinstance(plan.metric, str) else values
 
 
 def read_last_position(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, points: list[tuple[str, HookPoint]]
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    points: list[tuple[str, HookPoint]],
+    positions: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One forward pass over a left-padded batch, reading each hook point at the last
-    position (where every row's last real token sits).
+    position (where every row's last real token sits), or at `positions`.
 
-    `points` must be in forward order. Returns {key: [rows or 1, ...features]} on the
-    model's device and the last-position logits [rows, vocab].
+    `points` must be in forward order. `positions` ([rows, P], padded coordinates)
+    reads P positions per row instead. Returns {key: [rows or 1, ...features]} (or
+    [rows, P, ...features]) on the model's device and the last-position logits [rows, vocab].
     """
     device = model.device
     nn = model.nn
     rows, tokens = input_ids.shape
     saved: dict[str, torch.Tensor] = {}
+    if positions is not None:
+        positions = positions.to(device)
+        row_index = torch.arange(rows, device=device).unsqueeze(1)
     with torch.no_grad():
         with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
             for key, point in points:
@@ -75,11 +98,32 @@ def read_last_position(
                 value = envoy.output if point.io == "output" else envoy.input
                 # A position embedding may come back as [1, tokens, d] and broadcast.
                 tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens,
-                                  broadcast_rows=True)
+                                  broadcast_rows=positions is None)
                 # clone: the model may later update a tensor it returned in place
-                saved[key] = tensor[:, -1].clone().save()
+                picked = tensor[:, -1] if positions is None else tensor[row_index, positions]
+                saved[key] = picked.clone().save()
             logits = nn.output.logits[:, -1, :].save()
     return dict(saved), logits
+
+
+def sum_over_tokens(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, points: list[tuple[str, HookPoint]]
+) -> dict[str, torch.Tensor]:
+    """One forward pass; each hook point's tensor summed over every real (unpadded)
+    token of every row, in float32: {key: [features]}. For dataset means."""
+    device = model.device
+    nn = model.nn
+    rows, tokens = input_ids.shape
+    weights = attention_mask.to(device).float().unsqueeze(-1)
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
+            for key, point in points:
+                envoy = nn.get(point.module)
+                value = envoy.output if point.io == "output" else envoy.input
+                tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens)
+                sums[key] = (tensor.float() * weights).sum((0, 1)).save()
+    return dict(sums)
 
 
 def _checked(tensor: torch.Tensor, point: HookPoint, rows: int, tokens: int, broadcast_rows: bool = False) -> torch.Tensor:

@@ -4,8 +4,10 @@ Experiments never write trace code. They compile what they want into a `TracePla
 
 * the rows of one batch (token ids, left-padded, with attention mask and positions);
 * for each hook point the forward pass reaches (in the order it reaches them), the
-  edits to apply to that tensor, vectorised over rows;
-* the metric to compute from the last-position logits of every row.
+  edits to apply to that tensor, vectorised over rows: copy another row's activation
+  (`CopyRows`, patching and restoring), add to it (`AddRows`, noise), overwrite it
+  (`SetRows`, ablation), or block attention edges (`BlockAttention`, knockout);
+* the metric(s) to compute from the last-position logits of every row.
 
 `nnexp.tracing.execute.run_plan` runs a plan as ONE nnsight trace. Because a plan is
 tensors and small dataclasses, it can be built, inspected and tested without a
@@ -60,6 +62,71 @@ class CopyRows:
 
 
 @dataclass
+class AddRows:
+    """Add `values[i]` to `x[rows[i], positions[i]]` (e.g. noise on the subject's embeddings)."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    values: torch.Tensor  # [entries, features]
+
+    def apply(self, x: torch.Tensor, point: HookPoint) -> None:
+        x[self.rows, self.positions] += self.values.to(x.dtype)
+
+    def to(self, device) -> AddRows:
+        return AddRows(self.rows.to(device), self.positions.to(device), self.values.to(device))
+
+
+@dataclass
+class SetRows:
+    """Overwrite `x[rows[i], positions[i]]` with `values[i]` (zero or mean ablation)."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    values: torch.Tensor  # [entries, features]
+
+    def apply(self, x: torch.Tensor, point: HookPoint) -> None:
+        x[self.rows, self.positions] = self.values.to(x.dtype)
+
+    def to(self, device) -> SetRows:
+        return SetRows(self.rows.to(device), self.positions.to(device), self.values.to(device))
+
+
+@dataclass
+class BlockAttention:
+    """Block attention from the last position to `keys[i]` in row `rows[i]`.
+
+    Applied to the attention mask an attention module receives (an "attention_mask"
+    hook point), so each row gets its own edges and every other row is untouched.
+    The mask is edited in its own form: an additive float mask (eager attention)
+    gets the dtype's minimum at the blocked (last query, key) pairs, so those
+    pre-softmax scores become the minimum; a boolean mask (SDPA) gets False there,
+    which SDPA turns into -inf. Either way the blocked keys get exactly zero weight.
+    Where the model passes no mask (SDPA without padding relies on `is_causal`),
+    the causal mask is built first.
+    """
+
+    rows: torch.Tensor
+    keys: torch.Tensor  # [entries, tokens] bool, padded coordinates
+
+    def edit_mask(self, mask: torch.Tensor | None, rows: int, tokens: int, device) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()[None, None]
+        # never edit in place: every layer shares the mask the model built
+        mask = mask.expand(rows, *mask.shape[1:]).clone() if mask.shape[0] == 1 else mask.clone()
+        blocked = torch.zeros(rows, mask.shape[-1], dtype=torch.bool, device=mask.device)
+        blocked[self.rows, : self.keys.shape[1]] = self.keys
+        last = mask[:, :, -1, :]
+        if mask.dtype == torch.bool:
+            mask[:, :, -1, :] = last & ~blocked[:, None, :]
+        else:
+            mask[:, :, -1, :] = last.masked_fill(blocked[:, None, :], torch.finfo(mask.dtype).min)
+        return mask
+
+    def to(self, device) -> BlockAttention:
+        return BlockAttention(self.rows.to(device), self.keys.to(device))
+
+
+@dataclass
 class TracePlan:
     """One batched forward pass and its edits.
 
@@ -67,14 +134,15 @@ class TracePlan:
         input_ids: [rows, tokens], left-padded.
         attention_mask: [rows, tokens], 0 on padding.
         edits: (hook point, edits) pairs sorted in forward order.
-        metric: name of the metric in `nnexp.metrics`.
+        metric: name of the metric in `nnexp.metrics`, or a tuple of names (the trace
+            then returns [rows, metrics]).
         answer_ids, foil_ids: [rows] token ids the metric compares.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    edits: list[tuple[HookPoint, list[CopyRows]]] = field(default_factory=list)
-    metric: str = "logit_diff"
+    edits: list[tuple[HookPoint, list]] = field(default_factory=list)
+    metric: str | tuple[str, ...] = "logit_diff"
     answer_ids: torch.Tensor | None = None
     foil_ids: torch.Tensor | None = None
 
@@ -113,6 +181,6 @@ def row_batches(items: list, max_rows: int | None = None, limit: int | None = No
     return [items[start : start + size] for start in range(0, len(items), size)] if items else []
 
 
-def group_edits(entries: dict[HookPoint, list[CopyRows]]) -> list[tuple[HookPoint, list[CopyRows]]]:
+def group_edits(entries: dict[HookPoint, list]) -> list[tuple[HookPoint, list]]:
     """Hook points in the order the forward pass computes them."""
     return sorted(entries.items(), key=lambda item: item[0].order)
