@@ -30,7 +30,12 @@ def _ints(text: str) -> list[int]:
 
 
 def _positions(text: str):
-    return text if text in ("each", "all") else _ints(text)
+    """Integers ("9,-1"), or names ("each", "all", "last_subject,last") for the
+    experiment to check."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if parts and all(part.lstrip("-").isdigit() for part in parts):
+        return _ints(text)
+    return text
 
 
 # CLI option -> (experiment field, parser).

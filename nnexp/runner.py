@@ -79,8 +79,8 @@ def run(
             example already fills a trace with hundreds of rows).
         max_rows: split any trace with more rows than this (memory bound).
         memory_budget: bytes of activation memory one trace may use ("2GB", "512MiB");
-            traces are split to fit. Supported by gradient attribution, whose backward
-            pass keeps the whole forward graph; other kinds take `max_rows`.
+            traces are split to fit. Supported by gradient attribution (measured) and the
+            factual-recall analyses (estimated); patching and logit attribution take `max_rows`.
         load_in_8bit: when `model` is a name, load it in 8 bits (bitsandbytes, CUDA only).
         figures: draw figures when the run completes.
     """
@@ -94,11 +94,16 @@ def run(
         model = load_model(model, device=device, dtype=dtype, load_in_8bit=load_in_8bit)
     examples = experiment.examples()
     total = len(examples)
-    if limit is not None:
-        examples = examples[:limit]
 
     compiled = experiment.compile(model)  # validates sites/layers/heads against the model
-    items = [compiled.prepare(example, index) for index, example in enumerate(examples)]
+    if hasattr(compiled, "fit"):
+        # Dataset statistics (mean activations, a noise level) come from every example,
+        # whatever `limit` is, so a limited run and its continuation agree.
+        items = [compiled.prepare(example, index) for index, example in enumerate(examples)]
+        compiled.fit(items)
+        items = items[:limit] if limit is not None else items
+    else:
+        items = [compiled.prepare(example, index) for index, example in enumerate(examples[:limit])]
     if hasattr(compiled, "select"):
         # e.g. keep only the facts the model predicts (gradient attribution's only_correct)
         items = compiled.select(items, examples_per_trace)

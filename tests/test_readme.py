@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -65,3 +66,13 @@ def test_counterfact_attribution_example_works_as_written(tmp_path, smollm2):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "LabelledTensor(layer=30, position=5)" and lines[1] == "68 [0, 16, 23]"
+
+
+@pytest.mark.slow
+def test_factual_recall_example_works_as_written(tmp_path, smollm2):
+    result = run_python(block("from experiments.factual_recall import"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    knocked, mlp, attn = (json.loads(line) for line in result.stdout.strip().splitlines()[-3:])
+    assert knocked[0] > -0.35 and knocked[1] < -0.6
+    assert mlp[0] > 0.1 and mlp[0] > 3 * abs(mlp[1])
+    assert attn[1] > 0.1 and attn[1] > 3 * abs(attn[0])
