@@ -353,7 +353,7 @@ def test_bad_parameters_and_data_are_clear_errors(gpt2_tiny, tmp_path):
     ("sublayer-knockout", ["--set", "ablation=mean", "--positions", "last"], ["sublayer_knockout"],
      "mean-sublayer-knockout.html"),
     ("attribute-extraction", ["--sites", "resid_post,mlp_out", "--set", "top_k=5"], ["rank", "top_ids"],
-     "mean-top1-last-subject.html"),
+     "mean-topk-last-subject.html"),
     ("causal-tracing", ["--set", "samples=2", "--set", "restore=mlp_out,attn_out", "--layers", "0,2"],
      ["mlp_out", "attn_out.prob"], "mean-mlp-out.html"),
 ])

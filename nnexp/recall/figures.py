@@ -38,21 +38,29 @@ def _count(experiment, results) -> str:
     return text + (" the model predicts correctly" if getattr(experiment, "only_correct", False) else "")
 
 
+def _legend_right(fig):
+    """Many series: a vertical legend right of the plot, clear of the subtitle."""
+    fig.update_layout(legend={"orientation": "v", "yanchor": "top", "y": 1.0, "xanchor": "left", "x": 1.02},
+                      width=fig.layout.width + 260)
+    return fig
+
+
 def _layer_labels(layers) -> list[str]:
     return [f"L{layer}" for layer in layers]
 
 
 def knockout_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
-    about = f"{_about(experiment, results)} · window {experiment.window} layers"
+    about = (f"{_about(experiment, results)} · the last position cannot attend to each source "
+             f"in a window of {experiment.window} layers")
     figures = []
-    title = "Attention knockout: change in the attribute's probability when the last position cannot attend to"
+    title = "Attention knockout: change in the attribute's probability"
     for record in results.records[:max_examples]:
         tensor = record["knockout"]
         series = [{"name": source.replace("_", "-"), "values": (100 * tensor.values[i]).tolist()}
                   for i, source in enumerate(tensor.coords["source"])]
         figures.append((
             line_plot(_layer_labels(tensor.coords["layer"]), series,
-                      title=f"{title} each source<br><sup>{about} · example {record.index} · "
+                      title=f"{title}<br><sup>{about} · example {record.index} · "
                             f"p = {record.scalars['p_clean']:.3f}<br>{_fact_line(record)}</sup>",
                       x_title="centre of the knocked-out window (layer)", y_title="% change in probability"),
             out_dir / f"example-{record.index:04d}-knockout",
@@ -63,7 +71,7 @@ def knockout_figures(experiment, results, out_dir: Path, max_examples: int = 16)
                   for i, source in enumerate(mean.coords["source"])]
         figures.append((
             line_plot(_layer_labels(mean.coords["layer"]), series,
-                      title=f"{title} each source, mean over facts<br><sup>{about} · {_count(experiment, results)}</sup>",
+                      title=f"{title}, mean over facts<br><sup>{about} · {_count(experiment, results)}</sup>",
                       x_title="centre of the knocked-out window (layer)", y_title="mean % change in probability"),
             out_dir / "mean-knockout",
         ))
@@ -82,18 +90,18 @@ def sublayer_figures(experiment, results, out_dir: Path, max_examples: int = 16)
     for record in results.records[:max_examples]:
         tensor = record["sublayer_knockout"]
         figures.append((
-            line_plot(_layer_labels(tensor.coords["layer"]), series(tensor.values, tensor.coords),
+            _legend_right(line_plot(_layer_labels(tensor.coords["layer"]), series(tensor.values, tensor.coords),
                       title=f"{title}<br><sup>{about} · example {record.index} · p = {record.scalars['p_clean']:.3f}"
                             f"<br>{_fact_line(record)}</sup>",
-                      x_title="centre of the ablated window (layer)", y_title="% change in probability"),
+                      x_title="centre of the ablated window (layer)", y_title="% change in probability")),
             out_dir / f"example-{record.index:04d}-sublayer-knockout",
         ))
     if results.records:
         mean = knockout_profile(results, "sublayer_knockout")
         figures.append((
-            line_plot(_layer_labels(mean.coords["layer"]), series(mean.values, mean.coords),
+            _legend_right(line_plot(_layer_labels(mean.coords["layer"]), series(mean.values, mean.coords),
                       title=f"{title}, mean over facts<br><sup>{about} · {_count(experiment, results)}</sup>",
-                      x_title="centre of the ablated window (layer)", y_title="mean % change in probability"),
+                      x_title="centre of the ablated window (layer)", y_title="mean % change in probability")),
             out_dir / "mean-sublayer-knockout",
         ))
     return write_figures(figures)
@@ -121,11 +129,12 @@ def extraction_figures(experiment, results, out_dir: Path, max_examples: int = 1
                                   f"<br>{_fact_line(record)}</sup>",
                             x_title="layer", y_title="rank of the attribute (1 = top, log scale)")
             fig.update_yaxes(type="log", autorange="reversed")
+            _legend_right(fig)
             figures.append((fig, out_dir / f"example-{record.index:04d}-rank-{position.replace('_', '-')}"))
     if results.records:
         profile = extraction_profile(results)
         coords = profile["coords"]
-        measures = [("top1", "share of facts whose attribute is the top token")]
+        measures = [("topk", f"share of facts whose attribute is among the top {experiment.top_k} tokens")]
         if profile["attribute_rate"] is not None:
             measures.append(("attribute_rate", f"mean attribute rate of the top {experiment.top_k} tokens "
                                                f"({profile['n_with_attributes']} facts with attribute words)"))
@@ -134,10 +143,11 @@ def extraction_figures(experiment, results, out_dir: Path, max_examples: int = 1
                 series = [{"name": f"{SITE_NAMES[site]} via {projection}", "values": profile[key][pi, ji, si].tolist()}
                           for ji, projection in enumerate(coords["projection"]) for si, site in enumerate(coords["site"])]
                 figures.append((
-                    line_plot(_layer_labels(coords["layer"]), series,
-                              title=f"Attribute extraction at the {position.replace('_', ' ')} token: {what}"
-                                    f"<br><sup>{about} · {_count(experiment, results)}</sup>",
-                              x_title="layer", y_title=what.split(" (")[0]),
+                    _legend_right(line_plot(
+                        _layer_labels(coords["layer"]), series,
+                        title=f"Attribute extraction at the {position.replace('_', ' ')} token<br><sup>{about} · "
+                              f"{_count(experiment, results)}<br>{what}</sup>",
+                        x_title="layer", y_title=what.split(" (")[0].replace(" whose", "<br>whose"))),
                     out_dir / f"mean-{key.replace('_', '-')}-{position.replace('_', '-')}",
                 ))
     return write_figures(figures)
@@ -168,7 +178,8 @@ def causal_tracing_figures(experiment, results, out_dir: Path, max_examples: int
             figures.append((
                 heatmap(average["values"], title=f"Causal tracing: average indirect effect of the {SITE_NAMES[site]}"
                         f"<br><sup>{about} · {_count(experiment, results)}</sup>",
-                        x_title="layer", y_title="token category", x_labels=_layer_labels(average["layers"]),
+                        x_title="layer" + ("" if site == "resid_post" else f" (centre of a {experiment.window}-layer window)"),
+                        y_title="token category", x_labels=_layer_labels(average["layers"]),
                         y_labels=labels, colorbar_title="average<br>indirect effect", zmid=None),
                 out_dir / f"mean-{site.replace('_', '-')}",
             ))

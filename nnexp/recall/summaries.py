@@ -40,8 +40,9 @@ sublayer_profile = knockout_profile
 
 
 def extraction_profile(results) -> dict:
-    """{"top1": share of facts with rank 1, "attribute_rate": mean rate or None}, each
-    position x projection x site x layer."""
+    """{"top1": share of facts whose attribute ranks first, "topk": ... among the top
+    k (the run's top_k), "attribute_rate": the mean rate or None}, each position x
+    projection x site x layer."""
     records = _records(results)
     ranks = torch.stack([r["rank"].values for r in records])
     rates = [r["attribute_rate"].values for r in records if "attribute_rate" in r.tensors]
@@ -49,6 +50,7 @@ def extraction_profile(results) -> dict:
         "dims": records[0]["rank"].dims,
         "coords": records[0]["rank"].coords,
         "top1": (ranks == 1).float().mean(0),
+        "topk": (ranks <= records[0].info["top_k"]).float().mean(0),
         "attribute_rate": torch.stack(rates).mean(0) if rates else None,
         "n": len(records),
         "n_with_attributes": len(rates),
