@@ -364,9 +364,10 @@ def test_cli_run_resume_and_figures(tmp_path, tiny_gpt2_folder, name, options, t
     data = tmp_path / "facts.jsonl"
     data.write_text("".join(json.dumps(f.to_json()) + "\n" for f in facts))
     out = tmp_path / "run"
-    result = cli("run", name, "--model", tiny_gpt2_folder, "--data", data, "--out", out, "--limit", "2", *options)
+    result = cli("run", name, "--model", tiny_gpt2_folder, "--data", data, "--out", out, "--limit", "2", "--no-figures",
+                 *options)
     assert result.returncode == 0, result.stderr
-    result = cli("resume", out)
+    result = cli("resume", out)  # finishes the run and draws its figures
     assert result.returncode == 0, result.stderr
     assert "2 of 4 examples already stored" in result.stderr
     results = nnexp.load_results(out)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..figures import heatmap, line_plot, token_label, write_figures
@@ -128,7 +129,9 @@ def extraction_figures(experiment, results, out_dir: Path, max_examples: int = 1
                                   f"example {record.index} · unembed = final norm + unembedding, embed = E^T, no norm"
                                   f"<br>{_fact_line(record)}</sup>",
                             x_title="layer", y_title="rank of the attribute (1 = top, log scale)")
-            fig.update_yaxes(type="log", autorange="reversed")
+            # rank 1 at the top; no zero line, which a log axis cannot place
+            fig.layout.shapes = ()
+            fig.update_yaxes(type="log", range=[math.log10(max(10.0, float(rank.values.max()) * 2)), -0.1])
             _legend_right(fig)
             figures.append((fig, out_dir / f"example-{record.index:04d}-rank-{position.replace('_', '-')}"))
     if results.records:
