@@ -201,7 +201,8 @@ def _axis_labels(tensor, dim: str, tokens: list[str]) -> list[str]:
     return [f"L{layer}" for layer in labels]
 
 
-def _shorten(text: str, limit: int = 90) -> str:
+def shorten(text: str, limit: int = 90) -> str:
+    """`text` cut to `limit` characters with an ellipsis, for titles."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -227,7 +228,7 @@ def _site_figure(experiment, tensor, site: str, tokens: list[str], about: list[s
         values, x_labels, y_labels = values.unsqueeze(1), ["all positions"], layers
     else:
         raise ValueError(f"no patching figure for axes {dims}")
-    subtitle = "<br>".join(_shorten(line) for line in about)
+    subtitle = "<br>".join(shorten(line) for line in about)
     return heatmap(
         values,
         title=f"{headline}: effect on {experiment.metric}<br><sup>{subtitle}</sup>",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .figures import heatmap, line_plot, token_label, write_figures
+from .figures import heatmap, line_plot, shorten, token_label, write_figures
 from .gradient_attribution import subject_and_last_profile
 
 MEASURES = {
@@ -28,7 +28,7 @@ def _about(experiment, results) -> str:
 
 def _fact_line(record) -> str:
     info = record.info
-    prompt = info["prompt"] if len(info["prompt"]) <= 80 else info["prompt"][:79] + "…"
+    prompt = shorten(info["prompt"], 80)
     return (f"{prompt!r} → {info['target_true']!r} vs {info['target_false']!r} · "
             f"p {record.scalars['p_true']:.3f} vs {record.scalars['p_false']:.3f} · predicted {info.get('predicted')!r}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..figures import heatmap, line_plot, token_label, write_figures
+from ..figures import heatmap, line_plot, shorten, token_label, write_figures
 from .summaries import average_indirect_effect, extraction_profile, knockout_profile
 
 SITE_NAMES = {"resid_post": "residual stream (block output)", "mlp_out": "MLP output", "attn_out": "attention output"}
@@ -28,7 +28,7 @@ def _about(experiment, results) -> str:
 
 def _fact_line(record) -> str:
     info = record.info
-    prompt = info["prompt"] if len(info["prompt"]) <= 80 else info["prompt"][:79] + "…"
+    prompt = shorten(info["prompt"], 80)
     return f"{prompt!r} → attribute {info['attribute_token']!r} ({info['attribute']})"
 
 
