@@ -26,7 +26,7 @@ from .data import MultiTokenError, answer_and_foil_tokens, token_strings
 from .errors import ConfigError, DataError
 from .experiment import Experiment
 from .subject import subject_span
-from .tracing.execute import read_last_position
+from .tracing.execute import read_positions
 from .tracing.plan import left_pad
 
 MULTI_TOKEN = ("error", "skip")
@@ -171,10 +171,8 @@ class CompiledFactExperiment:
 
     def predict(self, facts: list[TokenizedFact], batch: int) -> None:
         """Set each fact's `predicted_id`: one left-padded forward pass per `batch` facts."""
-        with torch.no_grad():
-            for start in range(0, len(facts), batch):
-                chunk = facts[start : start + batch]
-                input_ids, mask, _ = left_pad([fact.ids for fact in chunk], self.pad_id)
-                _, logits = read_last_position(self.model, input_ids, mask, [])
-                for fact, top in zip(chunk, logits.argmax(-1).tolist()):
-                    fact.predicted_id = top
+        chunks = [facts[start : start + batch] for start in range(0, len(facts), batch)]
+        requests = [left_pad([fact.ids for fact in chunk], self.pad_id)[:2] + ([],) for chunk in chunks]
+        for chunk, (_, logits) in zip(chunks, read_positions(self.model, requests)):
+            for fact, top in zip(chunk, logits.argmax(-1).tolist()):
+                fact.predicted_id = top

@@ -39,12 +39,12 @@ import torch
 
 from .console import note
 from .errors import ConfigError, DataError
-from .fact_experiment import CompiledFactExperiment, FactExperiment, FactItem
+from .fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 from .labelled import LabelledTensor
 from .metrics import get_metric
 from .results import ExampleRecord
 from .sites import check_layers, resolve_site
-from .tracing.execute import gradient_x_activation
+from .tracing.execute import gradients_x_activation
 from .tracing.plan import left_pad, row_batches
 
 GRADIENT_SITES = ("mlp_out", "attn_out", "resid_pre", "resid_post")
@@ -125,15 +125,16 @@ class CompiledGradientAttribution(CompiledFactExperiment):
     def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
         """One forward + backward trace per batch of at most `max_rows` facts (and at
         most what the memory budget allows)."""
-        return [record for batch in row_batches(items, max_rows, self.rows_per_trace) for record in self._run_batch(batch)]
+        batches = [[item.fact for item in batch] for batch in row_batches(items, max_rows, self.rows_per_trace)]
+        padded = [left_pad([fact.ids for fact in facts], self.pad_id) for facts in batches]
+        requests = [(input_ids, mask, self.points, self.experiment.metric,
+                     torch.tensor([fact.true_id for fact in facts]), torch.tensor([fact.false_id for fact in facts]))
+                    for facts, (input_ids, mask, _) in zip(batches, padded)]
+        outs = gradients_x_activation(self.model, requests, keep_hidden=self.experiment.keep_hidden)
+        return [record for facts, (_, _, offsets), out in zip(batches, padded, outs)
+                for record in self._records(facts, offsets, out)]
 
-    def _run_batch(self, items: list[FactItem]) -> list[ExampleRecord]:
-        facts = [item.fact for item in items]
-        input_ids, mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
-        true = torch.tensor([fact.true_id for fact in facts])
-        false = torch.tensor([fact.false_id for fact in facts])
-        out = gradient_x_activation(self.model, input_ids, mask, self.points, self.experiment.metric, true, false,
-                                    keep_hidden=self.experiment.keep_hidden)
+    def _records(self, facts: list[TokenizedFact], offsets: list[int], out: dict) -> list[ExampleRecord]:
         logits = out["logits"]
         probs = logits.softmax(-1)
         records = []

@@ -57,7 +57,7 @@ from .models.norms import NormForm, input_output_matrix
 from .prompts import Prompt, TokenizedPrompt, load_prompts, tokenize_prompt
 from .results import ExampleRecord
 from .sites import HookPoint, resolve_site
-from .tracing.execute import read_last_position
+from .tracing.execute import read_positions
 from .tracing.plan import left_pad, row_batches
 
 ANALYSES = ("logit_lens", "dla_layers", "dla_heads")
@@ -183,13 +183,17 @@ class CompiledLogitAttribution:
 
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
         """One trace per batch of at most `max_rows` prompts (all of `items` by default)."""
-        return [record for batch in row_batches(items, max_rows) for record in self._run_batch(batch)]
+        batches = row_batches(items, max_rows)
+        requests = [left_pad([item.prompt.ids for item in batch], self.pad_id)[:2] + (self.points,) for batch in batches]
+        read = read_positions(self.model, requests)
+        return [record for batch, (saved, logits) in zip(batches, read) for record in self._records(batch, saved, logits)]
 
     @torch.no_grad()
-    def _run_batch(self, items: list[_Item]) -> list[ExampleRecord]:
-        input_ids, attention_mask, _ = left_pad([item.prompt.ids for item in items], self.pad_id)
-        saved, logits = read_last_position(self.model, input_ids, attention_mask, self.points)
-        device = logits.device
+    def _records(self, items: list[_Item], saved: dict, logits: torch.Tensor) -> list[ExampleRecord]:
+        # The read-out runs where the unembedding lives (the GPU locally, the CPU for a remote model).
+        device = self.W_U.device
+        saved = {key: value.to(device) for key, value in saved.items()}
+        logits = logits.to(device)
         rows = len(items)
         answer = torch.tensor([item.prompt.answer_id for item in items], device=device)
         foil = torch.tensor([item.prompt.foil_id for item in items], device=device)

@@ -43,7 +43,7 @@ from .labelled import LabelledTensor
 from .metrics import get_metric
 from .results import ExampleRecord
 from .sites import HEAD_SITES, check_heads, check_layers, check_site, resolve_site
-from .tracing.execute import run_plan
+from .tracing.execute import run_plans
 from .tracing.plan import CopyRows, TracePlan, group_edits, left_pad
 
 
@@ -207,8 +207,8 @@ class CompiledPatching:
         clean = {}
         corrupted = {}
         patched: dict[int, dict[int, float]] = defaultdict(dict)  # example -> cell -> metric
-        for trace, plan in self.plans(items, max_rows):
-            values = run_plan(self.model, plan)
+        laid_out = self.plans(items, max_rows)
+        for (trace, _), values in zip(laid_out, run_plans(self.model, [plan for _, plan in laid_out])):
             row = 0
             for item, cell_ids in trace:
                 clean.setdefault(item.pair.index, float(values[row]))

@@ -42,6 +42,19 @@ def gpt2_tokenizer_dir() -> Path:
     return folder
 
 
+def count_traces(model, monkeypatch) -> list[int]:
+    """Record the rows of every trace `model` runs from now on (one entry per trace)."""
+    calls: list[int] = []
+    original = model.executor.run
+
+    def counting(jobs):
+        calls.extend(job.inputs["input_ids"].shape[0] for job in jobs)
+        return original(jobs)
+
+    monkeypatch.setattr(model.executor, "run", counting)
+    return calls
+
+
 def make_gpt2_tokenizer(with_bos: bool = False):
     from tokenizers.processors import TemplateProcessing
     from transformers import GPT2TokenizerFast

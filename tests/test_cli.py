@@ -208,23 +208,22 @@ def test_interrupted_run_keeps_finished_examples_and_resumes(tmp_path, tiny_gpt2
 def test_error_mid_run_keeps_finished_examples(tmp_path, gpt2_tiny, monkeypatch):
     """An exception in the middle of a run (say, out of memory) loses nothing finished."""
     from experiments.ioi_patching import IOIPatching
-    from nnexp import patching
 
     calls = {"n": 0}
-    real = patching.run_plan
+    real = gpt2_tiny.executor.run
 
-    def failing(model, plan):
+    def failing(jobs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(model, plan)
+        return real(jobs)
 
-    monkeypatch.setattr(patching, "run_plan", failing)
+    monkeypatch.setattr(gpt2_tiny.executor, "run", failing)
     experiment = IOIPatching(sites=("resid_post",), n_examples=5)
     with pytest.raises(RuntimeError, match="simulated"):
         nnexp.run(experiment, gpt2_tiny, out=tmp_path / "run", figures=False)
     assert RunDirectory(tmp_path / "run").done() == {0, 1}
-    monkeypatch.setattr(patching, "run_plan", real)
+    monkeypatch.setattr(gpt2_tiny.executor, "run", real)
     results = nnexp.run(experiment, gpt2_tiny, out=tmp_path / "run", figures=False)
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
 

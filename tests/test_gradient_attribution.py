@@ -75,16 +75,9 @@ def test_matches_independent_autograd(family_model, site, metric):
 
 
 def test_one_forward_and_backward_per_batch_and_frozen_parameters(gpt2_tiny, monkeypatch):
-    from nnexp import gradient_attribution
+    from tests.conftest import count_traces
 
-    calls = []
-    original = gradient_attribution.gradient_x_activation
-
-    def counting(model, input_ids, *args, **kwargs):
-        calls.append(input_ids.shape[0])
-        return original(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(gradient_attribution, "gradient_x_activation", counting)
+    calls = count_traces(gpt2_tiny, monkeypatch)
     facts = gpt2_facts(gpt2_tiny.tokenizer, 8)
     flags = [p.requires_grad for p in gpt2_tiny.hf.parameters()]
     together = run_records(gpt2_tiny, facts)
@@ -99,8 +92,8 @@ def test_one_forward_and_backward_per_batch_and_frozen_parameters(gpt2_tiny, mon
 
 
 def test_memory_budget_sizes_the_batches(gpt2_tiny, tmp_path, monkeypatch):
-    from nnexp import gradient_attribution
     from nnexp.tracing.memory import autograd_bytes_per_row, parse_bytes
+    from tests.conftest import count_traces
 
     assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(1000) == 1000
     with pytest.raises(ConfigError, match="write it like 2GB"):
@@ -110,10 +103,7 @@ def test_memory_budget_sizes_the_batches(gpt2_tiny, tmp_path, monkeypatch):
     per_row = autograd_bytes_per_row(gpt2_tiny.hf, gpt2_tiny.hf.transformer.wte, list(range(longest)))
     # a 64-wide, 3-layer model: the graph holds at least every layer's hidden states, not the weights
     assert 3 * longest * 64 * 4 < per_row < 10**7
-    calls = []
-    original = gradient_attribution.gradient_x_activation
-    monkeypatch.setattr(gradient_attribution, "gradient_x_activation",
-                        lambda model, ids, *a, **k: calls.append(ids.shape[0]) or original(model, ids, *a, **k))
+    calls = count_traces(gpt2_tiny, monkeypatch)
     budget = int(per_row * 3.5)
     experiment = GradientAttributionExperiment()
     compiled = experiment.compile(gpt2_tiny)

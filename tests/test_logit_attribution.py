@@ -110,16 +110,9 @@ def test_missing_post_norms_are_caught_loudly(monkeypatch, capsys):
 
 
 def test_one_trace_per_batch(gpt2_tiny, monkeypatch):
-    from nnexp import logit_attribution
+    from tests.conftest import count_traces
 
-    calls = []
-    original = logit_attribution.read_last_position
-
-    def counting(model, input_ids, attention_mask, points):
-        calls.append(input_ids.shape[0])
-        return original(model, input_ids, attention_mask, points)
-
-    monkeypatch.setattr(logit_attribution, "read_last_position", counting)
+    calls = count_traces(gpt2_tiny, monkeypatch)
     prompts = [Prompt.from_pair(p) for p in classic_ioi()]
     together = run_records(gpt2_tiny, prompts=prompts)
     assert calls == [8]  # every analysis, every layer and head, all 8 prompts: one forward pass

@@ -236,9 +236,9 @@ def test_causal_tracing_chunks_equal_one_trace_and_budget(gpt2_tiny, monkeypatch
     facts = gpt2_facts(gpt2_tiny.tokenizer, 3)
     experiment = CausalTracingExperiment(samples=2, window=2)
     whole = run_records(experiment, gpt2_tiny, facts)
-    calls = []
-    original = base.run_plan
-    monkeypatch.setattr(base, "run_plan", lambda model, plan: calls.append(plan.n_rows) or original(model, plan))
+    from tests.conftest import count_traces
+
+    calls = count_traces(gpt2_tiny, monkeypatch)
     split = run_records(experiment, gpt2_tiny, facts, max_rows=40)
     assert calls and max(calls) <= 40 and len(calls) > 3
     for a, b in zip(whole, split):

@@ -41,6 +41,11 @@ class Model:
         tokenizer: its tokenizer (nnsight sets left padding and a pad token).
         nn: the nnsight `TransformersModel` wrapping `hf`.
         arch: the resolved architecture (module paths, layer and head counts).
+        executor: what runs its traces (`nnexp.tracing.jobs`): here by default, in-process
+            through nnsight's remote serialisation (`use_backend("remote-local")`), or on
+            an NDIF server (`nnexp.remote`).
+        remote_id: for a model run on a server, the repo id the server knows it by; its
+            weights are not loaded here (the module tree is built on the meta device).
     """
 
     name: str
@@ -50,10 +55,61 @@ class Model:
     nn: object
     arch: Architecture
     quantization: str | None = None  # "8bit" when loaded with bitsandbytes
+    executor: object = None
+    remote_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.executor is None:
+            from ..tracing.jobs import LocalExecutor
+
+            self.executor = LocalExecutor(self)
+
+    def use_backend(self, backend: str = "local", **options) -> Model:
+        """Run this model's traces here ("local"), through nnsight's in-process remote
+        serialisation ("remote-local", a check that every request would run on a server
+        without nnexp), or on an NDIF server ("remote"; options as for
+        `nnexp.remote.RemoteExecutor`). Returns the model."""
+        from ..tracing.jobs import LocalExecutor, SimulatedRemoteExecutor
+
+        if backend == "local":
+            self.executor = LocalExecutor(self)
+        elif backend == "remote-local":
+            self.executor = SimulatedRemoteExecutor(self)
+        elif backend == "remote":
+            from ..remote import RemoteExecutor
+
+            self.executor = RemoteExecutor(self, **options)
+        else:
+            raise ModelError(f"unknown backend {backend!r}; use local, remote or remote-local")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the weights live on a server rather than here."""
+        return self.remote_id is not None
 
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    def require_parameters(self, paths: list[str]) -> None:
+        """Make the parameters of the modules at `paths` real here. A no-op for a model
+        loaded here; for a remote model (built on the meta device) they are read from
+        the server once, for analyses that project activations through weights
+        (the unembedding, a final norm) on this side."""
+        from .architectures import _get_module
+
+        modules = {path: _get_module(self.hf, path) for path in paths}
+        missing = [path for path, module in modules.items()
+                   if any(p.is_meta for p in module.parameters(recurse=False))]
+        if not missing:
+            return
+        from ..tracing.execute import fetch_parameters
+
+        for path, params in fetch_parameters(self, missing).items():
+            module = modules[path]
+            for name, value in params.items():
+                module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,6 +118,18 @@ class Model:
 
     def describe(self) -> dict:
         """What a results spec records about the model (enough to load it again)."""
+        if self.is_remote:
+            # The server decides dtype and device; the spec says where the numbers came from.
+            return {
+                "name": self.name,
+                "source": self.source,
+                "dtype": "server",
+                "device": "remote",
+                "class": type(self.hf).__name__,
+                "attn_implementation": getattr(self.hf.config, "_attn_implementation", None),
+                "backend": self.executor.describe(),
+                **self.arch.describe(),
+            }
         return {
             "name": self.name,
             "source": self.source,

@@ -22,7 +22,7 @@ from ..console import note
 from ..errors import ConfigError
 from ..fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 from ..results import ExampleRecord
-from ..tracing.execute import run_plan
+from ..tracing.execute import run_plans
 from ..tracing.runs import Run, build_plan, pack_runs
 
 ATTRIBUTES = ("predicted", "true")
@@ -119,9 +119,9 @@ class CompiledRunsExperiment(CompiledRecall):
             limit = max(2, DEFAULT_MEMORY_BUDGET // per_row)
         base_values: dict[int, torch.Tensor] = {}
         variant_values = {fact.index: torch.full((len(laid[5]), 2), float("nan")) for fact, laid in zip(facts, laid_out)}
-        for trace in pack_runs(laid_out, limit):
-            plan, firsts = build_plan(trace, self.pad_id, ("prob", "rank"))
-            values = run_plan(self.model, plan)
+        traces = pack_runs(laid_out, limit)
+        built = [build_plan(trace, self.pad_id, ("prob", "rank")) for trace in traces]
+        for trace, (_, firsts), values in zip(traces, built, run_plans(self.model, [plan for plan, _ in built])):
             for group, first in zip(trace, firsts):
                 n_base = len(group.runs) - len(group.variants)
                 base_values.setdefault(group.key, values[first : first + n_base])

@@ -39,7 +39,7 @@ from ..labelled import LabelledTensor
 from ..models.architectures import _get_module
 from ..results import ExampleRecord
 from ..sites import check_layers, resolve_site
-from ..tracing.execute import read_last_position
+from ..tracing.execute import read_positions
 from ..tracing.plan import left_pad, row_batches
 from .base import CompiledRecall, RecallExperiment, check_choices
 
@@ -151,7 +151,9 @@ class CompiledAttributeExtraction(CompiledRecall):
         return fact.last_subject if name == "last_subject" else len(fact.ids) - 1
 
     def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
-        return [record for batch in row_batches(items, max_rows) for record in self._run_batch(batch)]
+        batches = [self._request(batch) for batch in row_batches(items, max_rows)]
+        read = read_positions(self.model, [request for _, request in batches])
+        return [record for (facts, _), (saved, _) in zip(batches, read) for record in self._records(facts, saved)]
 
     def project(self, vectors: torch.Tensor, projection: str) -> torch.Tensor:
         """[n, d] -> [n, vocab] float32 logits."""
@@ -160,21 +162,24 @@ class CompiledAttributeExtraction(CompiledRecall):
                 return self.unembed(self.final_norm(vectors)).float()
             return vectors.float() @ self.embedding.float().T
 
-    def _run_batch(self, items: list[FactItem]) -> list[ExampleRecord]:
-        experiment = self.experiment
+    def _request(self, items: list[FactItem]) -> tuple[list[TokenizedFact], tuple]:
         facts = [item.fact for item in items]
         input_ids, mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
-        positions = torch.tensor([[offset + self.position(fact, name) for name in experiment.positions]
+        positions = torch.tensor([[offset + self.position(fact, name) for name in self.experiment.positions]
                                   for fact, offset in zip(facts, offsets)])
-        saved, _ = read_last_position(self.model, input_ids, mask, self.points, positions)
-        attribute = torch.tensor([self.attribute_id(fact) for fact in facts], device=self.model.device)
+        return facts, (input_ids, mask, self.points, positions)
+
+    def _records(self, facts: list[TokenizedFact], saved: dict) -> list[ExampleRecord]:
+        experiment = self.experiment
+        device = self.unembed.weight.device
+        attribute = torch.tensor([self.attribute_id(fact) for fact in facts], device=device)
         k = experiment.top_k
         n_pos, n_proj, n_site, n_layer = len(experiment.positions), len(experiment.projections), len(experiment.sites), len(self.layers)
         rank = torch.zeros(len(facts), n_pos, n_proj, n_site, n_layer)
         top = torch.zeros(len(facts), n_pos, n_proj, n_site, n_layer, k, dtype=torch.long)
         for si, site in enumerate(experiment.sites):
             for li, layer in enumerate(self.layers):
-                vectors = saved[f"{site}.{layer}"]  # [rows, positions, d]
+                vectors = saved[f"{site}.{layer}"].to(device)  # [rows, positions, d]
                 for pi, projection in enumerate(experiment.projections):
                     logits = self.project(vectors.reshape(-1, vectors.shape[-1]), projection)
                     logits = logits.reshape(len(facts), n_pos, -1)

@@ -98,13 +98,12 @@ class CompiledSublayerKnockout(CompiledRunsExperiment):
         facts = [item.fact for item in items if item.fact is not None]
         points = [(f"{site}.{layer}", point) for (site, layer), point in sorted(self.points.items(), key=lambda kv: kv[1].order)]
         totals: dict[str, torch.Tensor] = {}
-        count = 0
-        for start in range(0, len(facts), batch):
-            chunk = facts[start : start + batch]
-            input_ids, mask, _ = left_pad([fact.ids for fact in chunk], self.pad_id)
-            for key, value in sum_over_tokens(self.model, input_ids, mask, points).items():
-                totals[key] = totals.get(key, 0) + value.cpu()
-            count += int(mask.sum())
+        requests = [left_pad([fact.ids for fact in facts[start : start + batch]], self.pad_id)[:2] + (points,)
+                    for start in range(0, len(facts), batch)]
+        count = sum(int(mask.sum()) for _, mask, _ in requests)
+        for sums in sum_over_tokens(self.model, requests):
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0) + value
         self.means = {key: totals[f"{key[0]}.{key[1]}"] / count for key in self.points}
         self.mean_count = count
         note(f"mean ablation: sublayer means over {count} tokens of {len(facts)} facts")

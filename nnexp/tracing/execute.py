@@ -1,129 +1,181 @@
-"""Run traces: the only trace code in nnexp.
+"""The bodies of nnexp's traces, and the functions that build and run them.
 
-`run_plan` runs a `TracePlan` (patching, knockout, ablation, causal tracing); `read_last_position` reads activations at
-the last position for logit attribution; `gradient_x_activation` runs a forward and a
-backward pass for gradient attribution.
+`run_plans` runs `TracePlan`s (patching, knockout, ablation, causal tracing);
+`read_positions` reads activations at the last (or chosen) positions for logit
+attribution and attribute extraction; `sum_over_tokens` sums activations for
+dataset means; `gradients_x_activation` runs a forward and a backward pass for
+gradient attribution. Each turns its requests into `TraceJob`s and hands them, all
+at once, to the model's executor (`nnexp.tracing.jobs`): local traces, or one
+session request to a remote server.
 
-nnsight 0.8 runs the body of `with model.trace(...)` as ordinary Python in a worker
-interleaved with the real forward pass: reading `envoy.output` waits until that
-module has run and returns the live tensor, which can be edited in place before the
-model continues. The bodies below walk the plan's hook points in forward order
-(nnsight requires that order within one invoke), applies each point's edits to the
-whole batch, and finally reduces the last-position logits to one metric per row.
+nnsight 0.8 runs a trace's body as ordinary Python in a worker interleaved with the
+real forward pass: reading `envoy.output` waits until that module has run and returns
+the live tensor, which can be edited in place before the model continues. The bodies
+below walk their hook points in forward order (nnsight requires that order), apply
+each point's edits to the whole batch, and reduce what they return on the spot (one
+metric per row, one position per row), so that little travels back from a server.
+Bodies run wherever the model is: they move the tensors they carry to the device of
+the activation they meet, and return results on the CPU.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
 from ..errors import ModelError
 from ..metrics import get_metric
 from ..sites import HookPoint
+from .jobs import TraceJob
 from .plan import TracePlan
 
 
-def run_plan(model, plan: TracePlan) -> torch.Tensor:
-    """Execute `plan` on `model` (an `nnexp.models.Model`); return the metric per row,
-    on CPU: [rows], or [rows, metrics] when `plan.metric` is a tuple of names."""
-    names = (plan.metric,) if isinstance(plan.metric, str) else tuple(plan.metric)
-    metrics = [get_metric(name).fn for name in names]
-    device = model.device
-    nn = model.nn
-    edits = [(point, [edit.to(device) for edit in point_edits]) for point, point_edits in plan.edits]
-    answer = plan.answer_ids.to(device)
-    foil = plan.foil_ids.to(device)
-    inputs = {"attention_mask": plan.attention_mask.to(device)}
-    expected = tuple(plan.input_ids.shape)
-    position_ids = plan.position_ids
+def _inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> dict:
+    inputs = {"input_ids": input_ids.cpu(), "attention_mask": attention_mask.cpu()}
     if position_ids is not None:
-        inputs["position_ids"] = position_ids.to(device)
-
-    with torch.no_grad():
-        with nn.trace(plan.input_ids.to(device), **inputs, use_cache=False, logits_to_keep=1):
-            for point, point_edits in edits:
-                envoy = nn.get(point.module)
-                if point.io == "attention_mask":
-                    args, kwargs = envoy.inputs
-                    if "attention_mask" not in kwargs:
-                        raise ModelError(
-                            f"{point.module} receives no attention_mask keyword, so nnexp cannot block its attention "
-                            "edges; attention knockout needs a Hugging Face attention module called with "
-                            "attention_mask=... (eager or SDPA attention)"
-                        )
-                    mask = kwargs["attention_mask"]
-                    for edit in point_edits:
-                        mask = edit.edit_mask(mask, expected[0], expected[1], device)
-                    envoy.inputs = (args, {**kwargs, "attention_mask": mask})
-                    continue
-                value = envoy.output if point.io == "output" else envoy.input
-                tensor = value if point.index is None else value[point.index]
-                if tuple(tensor.shape[:2]) != expected:
-                    raise ModelError(
-                        f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{expected[0]} rows, "
-                        f"{expected[1]} tokens, ...]; nnexp patches tensors laid out [batch, tokens, features], "
-                        "so point this site's ArchSpec entry at a module whose tensor has that layout"
-                    )
-                for edit in point_edits:
-                    edit.apply(tensor, point)
-            logits = nn.output.logits[:, -1, :].float()
-            values = torch.stack([metric(logits, answer, foil) for metric in metrics], -1).cpu().save()
-    return values[:, 0] if isinstance(plan.metric, str) else values
+        inputs["position_ids"] = position_ids.cpu()
+    return inputs
 
 
-def read_last_position(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    points: list[tuple[str, HookPoint]],
-    positions: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One forward pass over a left-padded batch, reading each hook point at the last
-    position (where every row's last real token sits), or at `positions`.
+def _run(model, jobs: list[TraceJob]) -> list:
+    return model.executor.run(jobs) if jobs else []
 
-    `points` must be in forward order. `positions` ([rows, P], padded coordinates)
-    reads P positions per row instead. Returns {key: [rows or 1, ...features]} (or
-    [rows, P, ...features]) on the model's device and the last-position logits [rows, vocab].
+
+# -- trace plans ----------------------------------------------------------------------
+
+
+def plan_job(plan: TracePlan) -> TraceJob:
+    names = (plan.metric,) if isinstance(plan.metric, str) else tuple(plan.metric)
+    body = partial(
+        plan_body,
+        edits=plan.edits,
+        metrics=[get_metric(name).fn for name in names],
+        answer=plan.answer_ids,
+        foil=plan.foil_ids,
+        shape=tuple(plan.input_ids.shape),
+    )
+    return TraceJob(_inputs(plan.input_ids, plan.attention_mask, plan.position_ids), body)
+
+
+def plan_body(nn, edits, metrics, answer, foil, shape) -> torch.Tensor:
+    """Apply a plan's edits in forward order; return [rows, metrics] on the CPU."""
+    rows, tokens = shape
+    for point, point_edits in edits:
+        envoy = nn.get(point.module)
+        if point.io == "attention_mask":
+            args, kwargs = envoy.inputs
+            if "attention_mask" not in kwargs:
+                raise ModelError(
+                    f"{point.module} receives no attention_mask keyword, so nnexp cannot block its attention "
+                    "edges; attention knockout needs a Hugging Face attention module called with "
+                    "attention_mask=... (eager or SDPA attention)"
+                )
+            mask = kwargs["attention_mask"]
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            device = mask.device if mask is not None else hidden.device
+            for edit in point_edits:
+                mask = edit.to(device).edit_mask(mask, rows, tokens, device)
+            envoy.inputs = (args, {**kwargs, "attention_mask": mask})
+            continue
+        value = envoy.output if point.io == "output" else envoy.input
+        tensor = value if point.index is None else value[point.index]
+        if tuple(tensor.shape[:2]) != (rows, tokens):
+            raise ModelError(
+                f"{point.module} {point.io} has shape {list(tensor.shape)}, not [{rows} rows, "
+                f"{tokens} tokens, ...]; nnexp patches tensors laid out [batch, tokens, features], "
+                "so point this site's ArchSpec entry at a module whose tensor has that layout"
+            )
+        for edit in point_edits:
+            edit.to(tensor.device).apply(tensor, point)
+    logits = nn.output.logits[:, -1, :].float()
+    answer, foil = answer.to(logits.device), foil.to(logits.device)
+    return torch.stack([metric(logits, answer, foil) for metric in metrics], -1).cpu()
+
+
+def run_plans(model, plans: list[TracePlan]) -> list[torch.Tensor]:
+    """Execute `plans` on `model` (an `nnexp.models.Model`), all in one request when
+    the model is remote; return the metric per row of each plan, on the CPU: [rows],
+    or [rows, metrics] when its `metric` is a tuple of names."""
+    values = _run(model, [plan_job(plan) for plan in plans])
+    return [value[:, 0] if isinstance(plan.metric, str) else value for plan, value in zip(plans, values)]
+
+
+def run_plan(model, plan: TracePlan) -> torch.Tensor:
+    """`run_plans` for one plan."""
+    return run_plans(model, [plan])[0]
+
+
+# -- reading positions -------------------------------------------------------------------
+
+
+def positions_job(input_ids, attention_mask, points, positions=None) -> TraceJob:
+    body = partial(positions_body, points=points, positions=positions, shape=tuple(input_ids.shape))
+    return TraceJob(_inputs(input_ids, attention_mask), body)
+
+
+def positions_body(nn, points, positions, shape) -> dict:
+    rows, tokens = shape
+    saved = {}
+    for key, point in points:
+        envoy = nn.get(point.module)
+        value = envoy.output if point.io == "output" else envoy.input
+        # A position embedding may come back as [1, tokens, d] and broadcast.
+        tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens,
+                          broadcast_rows=positions is None)
+        if positions is None:
+            picked = tensor[:, -1]
+        else:
+            index = positions.to(tensor.device)
+            picked = tensor[torch.arange(rows, device=tensor.device).unsqueeze(1), index]
+        # clone: the model may later update a tensor it returned in place
+        saved[key] = picked.detach().cpu().clone()
+    saved["__logits__"] = nn.output.logits[:, -1, :].detach().cpu()
+    return saved
+
+
+def read_positions(model, requests: list[tuple]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """For each request (input_ids, attention_mask, points[, positions]), one forward
+    pass over its left-padded batch reading each hook point at the last position (where
+    every row's last real token sits), or at `positions` ([rows, P], padded coordinates).
+
+    `points` must be in forward order. Returns, per request, ({key: [rows or 1,
+    ...features]} (or [rows, P, ...features]), last-position logits [rows, vocab]), on
+    the CPU. Every request goes in one request to a remote server.
     """
-    device = model.device
-    nn = model.nn
-    rows, tokens = input_ids.shape
-    saved: dict[str, torch.Tensor] = {}
-    if positions is not None:
-        positions = positions.to(device)
-        row_index = torch.arange(rows, device=device).unsqueeze(1)
-    with torch.no_grad():
-        with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
-            for key, point in points:
-                envoy = nn.get(point.module)
-                value = envoy.output if point.io == "output" else envoy.input
-                # A position embedding may come back as [1, tokens, d] and broadcast.
-                tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens,
-                                  broadcast_rows=positions is None)
-                # clone: the model may later update a tensor it returned in place
-                picked = tensor[:, -1] if positions is None else tensor[row_index, positions]
-                saved[key] = picked.clone().save()
-            logits = nn.output.logits[:, -1, :].save()
-    return dict(saved), logits
+    values = _run(model, [positions_job(*request) for request in requests])
+    out = []
+    for saved in values:
+        saved = dict(saved)
+        logits = saved.pop("__logits__")
+        out.append((saved, logits))
+    return out
 
 
-def sum_over_tokens(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, points: list[tuple[str, HookPoint]]
-) -> dict[str, torch.Tensor]:
-    """One forward pass; each hook point's tensor summed over every real (unpadded)
-    token of every row, in float32: {key: [features]}. For dataset means."""
-    device = model.device
-    nn = model.nn
-    rows, tokens = input_ids.shape
-    weights = attention_mask.to(device).float().unsqueeze(-1)
-    sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
-            for key, point in points:
-                envoy = nn.get(point.module)
-                value = envoy.output if point.io == "output" else envoy.input
-                tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens)
-                sums[key] = (tensor.float() * weights).sum((0, 1)).save()
-    return dict(sums)
+def read_last_position(model, input_ids, attention_mask, points, positions=None):
+    """`read_positions` for one batch."""
+    return read_positions(model, [(input_ids, attention_mask, points, positions)])[0]
+
+
+def sum_over_tokens(model, requests: list[tuple]) -> list[dict[str, torch.Tensor]]:
+    """For each request (input_ids, attention_mask, points), one forward pass; each
+    hook point's tensor summed over every real (unpadded) token of every row, in
+    float32: {key: [features]}. For dataset means."""
+    jobs = [TraceJob(_inputs(ids, mask), partial(sums_body, points=points, weights=mask, shape=tuple(ids.shape)))
+            for ids, mask, points in requests]
+    return _run(model, jobs)
+
+
+def sums_body(nn, points, weights, shape) -> dict:
+    rows, tokens = shape
+    sums = {}
+    for key, point in points:
+        envoy = nn.get(point.module)
+        value = envoy.output if point.io == "output" else envoy.input
+        tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens)
+        w = weights.to(tensor.device).float().unsqueeze(-1)
+        sums[key] = (tensor.float() * w).sum((0, 1)).cpu()
+    return sums
 
 
 def _checked(tensor: torch.Tensor, point: HookPoint, rows: int, tokens: int, broadcast_rows: bool = False) -> torch.Tensor:
@@ -136,58 +188,76 @@ def _checked(tensor: torch.Tensor, point: HookPoint, rows: int, tokens: int, bro
     return tensor
 
 
-def gradient_x_activation(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    points: list[tuple[str, HookPoint]],
-    metric_name: str,
-    answer: torch.Tensor,
-    foil: torch.Tensor,
-    keep_hidden: bool = False,
-) -> dict[str, torch.Tensor]:
-    """One forward and one backward pass over a left-padded batch: gradient x
-    activation of the metric (one value per row, from the last-position logits) at
-    every hook point, every position.
+# -- gradients ------------------------------------------------------------------------
+
+
+def gradient_job(model, input_ids, attention_mask, points, metric_name, answer, foil, keep_hidden=False) -> TraceJob:
+    body = partial(gradient_body, embed=model.arch.spec.embed, points=points, metric=get_metric(metric_name).fn,
+                   answer=answer, foil=foil, keep_hidden=keep_hidden, shape=tuple(input_ids.shape))
+    return TraceJob(_inputs(input_ids, attention_mask), body, grad=True)
+
+
+def gradient_body(nn, embed, points, metric, answer, foil, keep_hidden, shape) -> dict:
+    """Gradient x activation of the metric at every hook point and position.
 
     Gradients flow from the token embedding's output, which is made to require
-    gradients; the parameters are frozen, so no weight gradient is computed or kept.
-    Rows do not interact (padding is masked), so the gradient of the sum of the rows'
-    metrics gives each row its own gradient.
-
-    Returns, on the CPU, in float32: "raw" [points, rows, tokens] (summed over the
-    hidden dimension), "l2" [points, rows, tokens] (its L2 norm over the hidden
-    dimension), "hidden" [points, rows, tokens, d] when `keep_hidden`, "metric"
-    [rows] and "logits" [rows, vocab] at the last position.
-    """
-    from .memory import frozen_parameters
-
-    metric = get_metric(metric_name).fn
-    device = model.device
-    nn = model.nn
-    rows, tokens = input_ids.shape
-    answer, foil = answer.to(device), foil.to(device)
+    gradients. Rows do not interact (padding is masked), so the gradient of the sum of
+    the rows' metrics gives each row its own gradient."""
+    rows, tokens = shape
+    nn.get(embed).output.requires_grad_(True)
+    activations = []
+    for _, point in points:
+        envoy = nn.get(point.module)
+        value = envoy.output if point.io == "output" else envoy.input
+        activations.append(_checked(value if point.index is None else value[point.index], point, rows, tokens))
+    logits = nn.output.logits[:, -1, :].float()
+    values = metric(logits, answer.to(logits.device), foil.to(logits.device))
+    grads = torch.autograd.grad(values.sum(), activations)
     raw, l2, hidden = [], [], []
-    with frozen_parameters(model.hf), torch.enable_grad():
-        with nn.trace(input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, logits_to_keep=1):
-            nn.get(model.arch.spec.embed).output.requires_grad_(True)
-            activations = []
-            for _, point in points:
-                envoy = nn.get(point.module)
-                value = envoy.output if point.io == "output" else envoy.input
-                activations.append(_checked(value if point.index is None else value[point.index], point, rows, tokens))
-            logits = nn.output.logits[:, -1, :].float()
-            values = metric(logits, answer, foil)
-            grads = torch.autograd.grad(values.sum(), activations)
-            for activation, grad in zip(activations, grads):
-                product = grad.detach().float() * activation.detach().float()
-                raw.append(product.sum(-1).cpu())
-                l2.append(product.norm(dim=-1).cpu())
-                if keep_hidden:
-                    hidden.append(product.cpu())
-            metric_values = values.detach().cpu().save()
-            last_logits = logits.detach().cpu().save()
-    out = {"raw": torch.stack(raw), "l2": torch.stack(l2), "metric": metric_values, "logits": last_logits}
+    for activation, grad in zip(activations, grads):
+        product = grad.detach().float() * activation.detach().float()
+        raw.append(product.sum(-1).cpu())
+        l2.append(product.norm(dim=-1).cpu())
+        if keep_hidden:
+            hidden.append(product.cpu())
+    out = {"raw": torch.stack(raw), "l2": torch.stack(l2), "metric": values.detach().cpu(),
+           "logits": logits.detach().cpu()}
     if keep_hidden:
         out["hidden"] = torch.stack(hidden)
     return out
+
+
+def gradients_x_activation(model, requests: list[tuple], keep_hidden: bool = False) -> list[dict[str, torch.Tensor]]:
+    """For each request (input_ids, attention_mask, points, metric name, answer ids,
+    foil ids), one forward and one backward pass over its left-padded batch: gradient x
+    activation of the metric (one value per row, from the last-position logits) at
+    every hook point, every position.
+
+    Returns per request, on the CPU, in float32: "raw" [points, rows, tokens] (summed
+    over the hidden dimension), "l2" [points, rows, tokens] (its L2 norm over the
+    hidden dimension), "hidden" [points, rows, tokens, d] when `keep_hidden`, "metric"
+    [rows] and "logits" [rows, vocab] at the last position.
+    """
+    return _run(model, [gradient_job(model, *request, keep_hidden=keep_hidden) for request in requests])
+
+
+def gradient_x_activation(model, input_ids, attention_mask, points, metric_name, answer, foil, keep_hidden=False):
+    """`gradients_x_activation` for one batch."""
+    return gradients_x_activation(model, [(input_ids, attention_mask, points, metric_name, answer, foil)],
+                                  keep_hidden)[0]
+
+
+# -- parameters ------------------------------------------------------------------------
+
+
+def parameters_body(nn, paths) -> dict:
+    """The parameters of the modules at `paths` (not their children), on the CPU."""
+    return {path: {name: p.detach().cpu().clone() for name, p in nn.get(path)._module.named_parameters(recurse=False)}
+            for path in paths}
+
+
+def fetch_parameters(model, paths: list[str], token_id: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Read the parameters of the modules at `paths` from wherever the model runs (one
+    one-token forward pass carries the request)."""
+    ids = torch.tensor([[token_id]])
+    return _run(model, [TraceJob(_inputs(ids, torch.ones_like(ids)), partial(parameters_body, paths=paths))])[0]

@@ -1,0 +1,158 @@
+"""Trace jobs and the executors that run them: here, in-process as nnsight's remote
+path would, or on an NDIF server.
+
+A `TraceJob` is one forward pass (and a backward pass when `grad`): the model inputs
+and a `body`, a function called inside the trace with the nnsight model that reads
+and edits activations and returns what to keep (tensors, reduced to what the
+experiment stores). The bodies live in `nnexp.tracing.execute`.
+
+Executors run a list of jobs, one list per chunk of examples:
+
+* `LocalExecutor`: one trace per job on the model's own device(s).
+* `SessionExecutor`: every job of the list in ONE nnsight session, shipped as one
+  request: `remote="local"` (serialised and deserialised in-process, with nnexp
+  hidden, the way a server would see it) or an NDIF server (`nnexp.remote`).
+
+The bodies run wherever the model is, so they move the small tensors they carry
+(row indices, values, answer ids) to the device of the activation they touch, and
+return their results on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# Every trace asks for the last position's logits only, and no KV cache.
+TRACE_OPTIONS = {"use_cache": False, "logits_to_keep": 1}
+
+
+@dataclass
+class TraceJob:
+    """One forward pass: `inputs` (input_ids, attention_mask, optionally position_ids,
+    on the CPU) and `body(nn) -> saved values`, run inside the trace."""
+
+    inputs: dict[str, torch.Tensor]
+    body: Callable[[Any], Any]
+    grad: bool = False
+    options: dict = field(default_factory=lambda: dict(TRACE_OPTIONS))
+
+
+class LocalExecutor:
+    """Runs each job as its own trace on the model's device(s)."""
+
+    kind = "local"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def run(self, jobs: list[TraceJob]) -> list:
+        from nnsight import save
+
+        from .memory import frozen_parameters
+
+        nn = self.model.nn
+        device = self.model.device
+        results = []
+        for job in jobs:
+            inputs = {name: value.to(device) for name, value in job.inputs.items()}
+            input_ids = inputs.pop("input_ids")
+            if job.grad:
+                # The parameters need no gradients: the backward then neither computes
+                # nor stores weight gradients.
+                with frozen_parameters(self.model.hf), torch.enable_grad():
+                    with nn.trace(input_ids, **inputs, **job.options):
+                        value = save(job.body(nn))
+            else:
+                with torch.no_grad():
+                    with nn.trace(input_ids, **inputs, **job.options):
+                        value = save(job.body(nn))
+            results.append(value)
+        return results
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+def register_for_shipping(extra_modules=()) -> None:
+    """Ship nnexp's own code (and any module named in `extra_modules`, e.g. where a
+    user's metric lives) by value with each request: the server has torch,
+    transformers and nnsight, not nnexp."""
+    import nnsight
+
+    nnsight.register("nnexp")
+    for module in extra_modules:
+        if module and not module.startswith(("torch", "nnsight", "transformers", "builtins")):
+            nnsight.register(module)
+
+
+def run_session(nn, jobs: list[TraceJob], backend) -> list:
+    """Every job in one nnsight session run by `backend` (blocking); returns each job's
+    saved values. The session body below is what travels: nnsight re-reads it from
+    this file, so it must stay a plain `with` block."""
+    from nnsight import save
+
+    with nn.session(backend=backend):
+        results = []
+        for job in jobs:
+            inputs = dict(job.inputs)
+            input_ids = inputs.pop("input_ids")
+            with torch.enable_grad() if job.grad else torch.no_grad():
+                with nn.trace(input_ids, **inputs, **job.options):
+                    value = save(job.body(nn))
+            results.append(value)
+        save(results)
+    return results
+
+
+def submit_session(nn, jobs: list[TraceJob], backend) -> None:
+    """The same session as `run_session`, for a non-blocking backend: the block runs on
+    the server only, and its saved values (under the name `results`) are fetched later
+    by job id."""
+    from nnsight import save
+
+    with nn.session(backend=backend):
+        results = []
+        for job in jobs:
+            inputs = dict(job.inputs)
+            input_ids = inputs.pop("input_ids")
+            with torch.enable_grad() if job.grad else torch.no_grad():
+                with nn.trace(input_ids, **inputs, **job.options):
+                    value = save(job.body(nn))
+            results.append(value)
+        save(results)
+
+
+class SimulatedRemoteExecutor:
+    """nnsight's `remote="local"`: each list of jobs is serialised into one session
+    request and deserialised in-process with nnexp hidden, then run on the local model.
+    Proves that a request would run on a server that does not have nnexp."""
+
+    kind = "remote-local"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def run(self, jobs: list[TraceJob]) -> list:
+        from nnsight.intervention.backends.local import LocalSimulationBackend
+
+        register_for_shipping(_body_modules(jobs))
+        return run_session(self.model.nn, jobs, LocalSimulationBackend(self.model.nn))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+def _body_modules(jobs: list[TraceJob]) -> set[str]:
+    """Modules of the functions a job's body refers to (its function and, for a
+    `functools.partial`, the functions among its arguments), to ship them by value."""
+    modules = set()
+    for job in jobs:
+        body = job.body
+        for value in [body, getattr(body, "func", None), *getattr(body, "keywords", {}).values()]:
+            for fn in value if isinstance(value, (list, tuple)) else [value]:
+                if callable(fn) and getattr(fn, "__module__", None):
+                    modules.add(fn.__module__)
+    return modules
