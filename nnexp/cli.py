@@ -5,6 +5,8 @@
     nnexp run counterfact-attribution [--metric contrast_logits_diff] [--site attn_out] [--load-in-8bit]
     nnexp resume results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
     nnexp plot results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
+    nnexp run ioi-patching --backend remote [--remote-host URL] [--no-wait]
+    nnexp fetch results/ioi-patching/HuggingFaceTB--SmolLM2-135M-Instruct/run-...
 
 Errors caused by input (a bad data file, an unknown site...) print one line and exit
 with status 2; an interrupted run exits with 130 and keeps what it finished.
@@ -90,6 +92,30 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "(gradient attribution)")
     parser.add_argument("--no-figures", action="store_true", help="store results without drawing figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    _add_remote_options(parser)
+
+
+def _add_remote_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("local", "remote", "remote-local"), default=None,
+                        help="where traces run: local (default), remote (an NDIF server; each chunk of examples is one "
+                             "request), remote-local (nnsight's in-process check of the remote path)")
+    parser.add_argument("--remote-host", dest="remote_host", default=None,
+                        help="the NDIF server's URL (default: nnsight's configured host, env NDIF_HOST); the API key "
+                             "comes from NDIF_API_KEY or nnsight's config")
+    parser.add_argument("--remote-timeout", dest="remote_timeout", type=float, default=None,
+                        help="seconds without word from the server before a try is abandoned (default 900)")
+    parser.add_argument("--remote-retries", dest="remote_retries", type=int, default=None,
+                        help="retries of a transient failure, with exponential backoff (default 3)")
+    parser.add_argument("--trust-result-host", dest="trusted_hosts", action="append", default=None, metavar="URL",
+                        help="another host the server may send results from (default: the server's own host only)")
+    parser.add_argument("--no-wait", dest="no_wait", action="store_true",
+                        help="remote: submit every chunk and exit; `nnexp fetch DIR` collects the results")
+
+
+def _remote_options(args) -> dict:
+    options = {"host": args.remote_host, "timeout": args.remote_timeout, "retries": args.remote_retries,
+               "trusted_hosts": args.trusted_hosts}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", default=None, help="CounterFact source: builtin, hub, or a dataset id or folder")
     run.add_argument("--load-in-8bit", dest="load_in_8bit", action="store_true",
                      help="load the model in 8 bits with bitsandbytes (CUDA GPUs only)")
+    run.add_argument("--remote-model", dest="remote_model", default=None,
+                     help="remote: the repo id the server knows the model by (default: the hub id, or the alias's "
+                          "original checkpoint; needed for a local folder)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment parameter (value as JSON), repeatable")
     _add_run_options(run)
 
@@ -122,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("directory")
     resume.add_argument("--limit", type=int, default=None, help="compute only the first N examples")
     _add_run_options(resume)
+
+    fetch = sub.add_parser("fetch", help="collect the results of a remote run submitted with --no-wait")
+    fetch.add_argument("directory")
+    fetch.add_argument("--wait", action="store_true", help="wait for jobs still running instead of leaving them")
+    fetch.add_argument("--no-figures", action="store_true", help="store results without drawing figures")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    fetch.add_argument("--remote-host", dest="remote_host", default=None, help="the server's URL (default: the run's)")
+    fetch.add_argument("--trust-result-host", dest="trusted_hosts", action="append", default=None, metavar="URL",
+                       help="another host the server may send results from")
 
     plot = sub.add_parser("plot", help="redraw the figures of a results directory")
     plot.add_argument("directory")
@@ -179,36 +217,71 @@ def cmd_run(args) -> None:
         memory_budget=args.memory_budget,
         load_in_8bit=args.load_in_8bit,
         figures=not args.no_figures,
+        backend=args.backend,
+        remote_model=args.remote_model,
+        remote=_remote_options(args),
+        wait=not args.no_wait,
     )
     print(results.path)
 
 
 def _model_reference(model_spec: dict) -> str:
     source = model_spec["source"]
-    return {"alias": source.get("alias"), "folder": source.get("path"), "hub": source.get("repo_id")}[source["kind"]]
+    return {"alias": source.get("alias"), "folder": source.get("path"), "hub": source.get("repo_id"),
+            "remote": source.get("from")}[source["kind"]]
 
 
-def cmd_resume(args) -> None:
+def _resume(args, collect_only: bool = False, wait: bool = True):
+    """Continue the run in `args.directory` as it was started (its experiment, model,
+    backend and host), with the options given now."""
     from .experiment import experiment_from_spec
     from .runner import run
     from .store import RunDirectory
 
     spec = RunDirectory(args.directory).read_spec()
     experiment = experiment_from_spec(spec["experiment"])
-    results = run(
+    stored = spec.get("run", {}).get("backend") or {"kind": "local"}
+    backend = getattr(args, "backend", None) or stored["kind"]
+    remote = _remote_options(args) if hasattr(args, "remote_timeout") else {
+        key: value for key, value in {"host": args.remote_host, "trusted_hosts": args.trusted_hosts}.items()
+        if value is not None}
+    if backend == "remote" and stored.get("host"):
+        remote.setdefault("host", stored["host"])
+    is_remote_model = spec["model"]["source"]["kind"] == "remote"
+    return run(
         experiment,
         model=_model_reference(spec["model"]),
         out=args.directory,
-        limit=args.limit,
-        device=args.device,
-        dtype=spec["model"]["dtype"],
-        examples_per_trace=args.examples_per_trace,
-        max_rows=args.max_rows,
-        memory_budget=args.memory_budget,
+        limit=getattr(args, "limit", None),
+        device=getattr(args, "device", "cpu"),
+        dtype="float32" if is_remote_model else spec["model"]["dtype"],
+        examples_per_trace=getattr(args, "examples_per_trace", None) or spec["run"].get("examples_per_trace"),
+        max_rows=getattr(args, "max_rows", None) or spec["run"].get("max_rows"),
+        memory_budget=getattr(args, "memory_budget", None),
         load_in_8bit=spec["model"].get("quantization") == "8bit",
         figures=not args.no_figures,
+        backend=backend,
+        remote_model=spec["model"]["source"].get("repo_id") if is_remote_model else None,
+        remote=remote,
+        wait=wait,
+        collect_only=collect_only,
     )
-    print(results.path)
+
+
+def cmd_resume(args) -> None:
+    print(_resume(args, wait=not args.no_wait).path)
+
+
+def cmd_fetch(args) -> None:
+    from .store import RunDirectory
+
+    spec = RunDirectory(args.directory).read_spec()
+    if (spec.get("run", {}).get("backend") or {}).get("kind") != "remote":
+        from .errors import ConfigError
+
+        raise ConfigError(f"{args.directory} is not a remote run; `nnexp fetch` collects jobs submitted with "
+                          "--backend remote --no-wait")
+    print(_resume(args, collect_only=True, wait=args.wait).path)
 
 
 def cmd_plot(args) -> None:
@@ -231,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(args)
         elif args.command == "resume":
             cmd_resume(args)
+        elif args.command == "fetch":
+            cmd_fetch(args)
         elif args.command == "plot":
             cmd_plot(args)
     except NnexpError as error:

@@ -125,6 +125,15 @@ class CompiledLogitAttribution:
         arch = model.arch
         spec = arch.spec
         hf = model.hf
+        # The read-out runs here, through the model's own weights: a remote model reads
+        # the few modules it needs from the server once.
+        needed = [spec.final_norm, spec.unembed]
+        if "dla_heads" in experiment.analyses:
+            for layer in range(arch.n_layers):
+                needed.append(f"{arch.block(layer)}.{spec.head_proj}")
+                if spec.post_sublayer_norms:
+                    needed.append(f"{arch.block(layer)}.{spec.attn_out}")
+        model.require_parameters(needed)
         self.n_layers = arch.n_layers
         self.n_heads = arch.n_heads
         self.final_norm_module = _get_module(hf, spec.final_norm)

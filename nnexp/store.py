@@ -7,6 +7,8 @@ Layout of `results/<experiment>/<model>/<run>/`:
                                header metadata its axis names, labels, scalars and info
                                (prompts, token ids, token strings, answer, foil)
     examples.jsonl             a readable index: one line per stored example
+    jobs.json                  remote runs: job ids of chunks submitted without waiting
+    remote.json                remote runs: the host, and bytes received per example
     figures/                   plotly HTML (and PNG when a renderer is available)
 
 Each example file is written to a temporary name and renamed into place, so a run
@@ -155,6 +157,56 @@ class RunDirectory:
 
     def read_records(self) -> list[ExampleRecord]:
         return [self.read_example(self.example_path(i)) for i in sorted(self.done())]
+
+    # -- remote jobs ----------------------------------------------------------------
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.path / "jobs.json"
+
+    def read_jobs(self) -> dict[str, list[int]]:
+        """Submitted chunks not yet collected: {job id: example indices}."""
+        if not self.jobs_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.jobs_path.read_text(encoding="utf-8"))
+            return {str(job): [int(i) for i in entry["examples"]] for job, entry in data["jobs"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise ResultsError(f"{self.jobs_path} is not a valid job list; delete it to resubmit its examples") from None
+
+    def _write_jobs(self, jobs: dict[str, list[int]]) -> None:
+        if not jobs:
+            self.jobs_path.unlink(missing_ok=True)
+            return
+        data = {"jobs": {job: {"examples": indices} for job, indices in jobs.items()}}
+        _atomic_write_text(self.jobs_path, json.dumps(data, indent=1) + "\n")
+
+    def add_job(self, job_id: str, indices: list[int]) -> None:
+        jobs = self.read_jobs()
+        jobs[job_id] = list(indices)
+        self._write_jobs(jobs)
+
+    def forget_job(self, job_id: str) -> None:
+        jobs = self.read_jobs()
+        jobs.pop(job_id, None)
+        self._write_jobs(jobs)
+
+    def add_remote_traffic(self, description: dict, received: int, examples: int) -> dict:
+        """Add to the bytes received from a server and the examples they carried."""
+        path = self.path / "remote.json"
+        stats = {"bytes_received": 0, "examples_received": 0}
+        if path.is_file():
+            try:
+                stats.update(json.loads(path.read_text(encoding="utf-8")))
+            except json.JSONDecodeError:
+                pass
+        stats.update(description)
+        stats["bytes_received"] += received
+        stats["examples_received"] += examples
+        if stats["examples_received"]:
+            stats["bytes_per_example"] = round(stats["bytes_received"] / stats["examples_received"])
+        _atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+        return stats
 
     def write_index(self, records: list[ExampleRecord]) -> None:
         lines = [json.dumps({"index": r.index, **r.scalars, **r.info}) for r in records]

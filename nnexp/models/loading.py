@@ -36,7 +36,7 @@ class Model:
 
     Attributes:
         name: short name used in results paths (the alias, the repo id, or the folder name).
-        source: where it came from: {"kind": "alias" | "hub" | "folder", ...}.
+        source: where it came from: {"kind": "alias" | "hub" | "folder" | "remote", ...}.
         hf: the Hugging Face `*ForCausalLM` module, in eval mode.
         tokenizer: its tokenizer (nnsight sets left padding and a pad token).
         nn: the nnsight `TransformersModel` wrapping `hf`.
@@ -101,15 +101,17 @@ class Model:
 
         modules = {path: _get_module(self.hf, path) for path in paths}
         missing = [path for path, module in modules.items()
-                   if any(p.is_meta for p in module.parameters(recurse=False))]
+                   if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])]
         if not missing:
             return
         from ..tracing.execute import fetch_parameters
 
-        for path, params in fetch_parameters(self, missing).items():
+        for path, fetched in fetch_parameters(self, missing).items():
             module = modules[path]
-            for name, value in params.items():
+            for name, value in fetched["parameters"].items():
                 module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+            for name, value in fetched["buffers"].items():
+                module._buffers[name] = value
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,6 +202,9 @@ def load_model(
     dtype="float32",
     attn_implementation: str | None = None,
     load_in_8bit: bool = False,
+    backend: str = "local",
+    remote_model: str | None = None,
+    **remote_options,
 ) -> Model:
     """Load a causal LM by built-in alias, local folder, or Hugging Face Hub id.
 
@@ -211,8 +216,21 @@ def load_model(
         attn_implementation: passed to transformers ("eager", "sdpa"); None keeps its default.
         load_in_8bit: quantise the linear layers to 8 bits with bitsandbytes (LLM.int8(), as
             for GPT-2 XL on a small GPU); needs a CUDA GPU and the `bitsandbytes` package.
+        backend: "local" (default); "remote" runs every trace on an NDIF server, with no
+            weights loaded here (only the config and tokenizer); "remote-local" loads the
+            model here and runs each request through nnsight's in-process serialisation.
+        remote_model: with backend="remote", the repo id the server knows the model by
+            (default: the hub id itself, or an alias's original checkpoint; a local
+            folder needs it).
+        remote_options: with backend="remote", options of `nnexp.remote.RemoteExecutor`
+            (host, timeout, retries, backoff, trusted_hosts).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if backend == "remote":
+        return _load_remote(name_or_path, dtype, attn_implementation, remote_model, remote_options)
+    if backend not in ("local", "remote-local"):
+        raise ModelError(f"unknown backend {backend!r}; use local, remote or remote-local")
 
     torch_dtype = parse_dtype(dtype)
     placement = _placement(device)
@@ -257,7 +275,47 @@ def load_model(
         hf_model.to(device)
     model = wrap_model(hf_model, tokenizer, name, source)
     model.quantization = "8bit" if load_in_8bit else None
-    return model
+    return model.use_backend(backend)
+
+
+def _load_remote(name_or_path: str, dtype, attn_implementation, remote_model, options) -> Model:
+    """A model that runs on a server: its module tree on the meta device (no weights),
+    its tokenizer here, and a remote executor."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in ALIASES:
+        path, default_id = alias_folder(name_or_path), ALIASES[name_or_path].hub_id
+    elif Path(name_or_path).expanduser().is_dir():
+        path, default_id = Path(name_or_path).expanduser().resolve(), None
+        if remote_model is None:
+            raise ModelError(
+                f"{path} is a local folder; a remote server cannot load it. Pass the repo id the server serves "
+                "the same model under (--remote-model owner/name), or run locally"
+            )
+    elif _REPO_ID.match(name_or_path):
+        path, default_id = name_or_path, name_or_path
+    else:
+        raise ModelError(f"unknown model {name_or_path!r}: not a built-in alias, a folder or a repo id (owner/name)")
+    repo_id = remote_model or default_id
+    if not _REPO_ID.match(repo_id or ""):
+        raise ModelError(f"remote model {repo_id!r} is not a Hugging Face repo id (owner/name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"could not read the config and tokenizer of {name_or_path!r} ({first_line}); a remote "
+                         "run needs them here (from the hub, a folder or an alias)") from None
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), **extra)
+    # Tells the pipeline nnsight builds around the module that it is placed already
+    # (it would otherwise try to move meta tensors to the CPU).
+    hf_model.hf_device_map = {"": "meta"}
+    name = repo_id.replace("/", "--")
+    model = wrap_model(hf_model, tokenizer, name, {"kind": "remote", "repo_id": repo_id, "from": str(path)})
+    model.remote_id = repo_id
+    return model.use_backend("remote", **options)
 
 
 def _eight_bit(device: str | None, placement: dict) -> tuple[dict, object]:

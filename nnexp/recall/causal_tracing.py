@@ -125,12 +125,13 @@ class CompiledCausalTracing(CompiledRunsExperiment):
         facts = [item.fact for item in items if item.fact is not None]
         if not facts:
             return
+        self.model.require_parameters([self.model.arch.spec.embed])
         embed = _get_module(self.model.hf, self.model.arch.spec.embed)
         vectors = []
         with torch.no_grad():
             for fact in facts:
                 start, end = fact.subject
-                ids = torch.tensor([fact.ids[start:end]], device=self.model.device)
+                ids = torch.tensor([fact.ids[start:end]], device=embed.weight.device)
                 vectors.append(embed(ids)[0].float().cpu())
         std = float(torch.cat(vectors).std())
         self.noise_std = self.experiment.noise_scale * std

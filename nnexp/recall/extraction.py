@@ -126,6 +126,8 @@ class CompiledAttributeExtraction(CompiledRecall):
         super().__init__(experiment, model)
         arch = model.arch
         hf = model.hf
+        # projections run here: a remote model reads these modules from the server once
+        model.require_parameters([arch.spec.final_norm, arch.spec.unembed, arch.spec.embed])
         self.layers = sorted(check_layers(experiment.layers, arch))
         # forward order: within a block attention comes before the MLP and the block output
         self.points = sorted(((f"{site}.{layer}", resolve_site(site, layer, arch))

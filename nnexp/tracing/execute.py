@@ -27,7 +27,7 @@ import torch
 from ..errors import ModelError
 from ..metrics import get_metric
 from ..sites import HookPoint
-from .jobs import TraceJob
+from .jobs import TraceJob, hf_module
 from .plan import TracePlan
 
 
@@ -204,6 +204,20 @@ def gradient_body(nn, embed, points, metric, answer, foil, keep_hidden, shape) -
     gradients. Rows do not interact (padding is masked), so the gradient of the sum of
     the rows' metrics gives each row its own gradient."""
     rows, tokens = shape
+    # No weight gradients: freeze the parameters for this pass (the local executor has
+    # already; a server's model has not), so the backward graph, and with it the order
+    # in which gradients are summed, is the same wherever this runs.
+    flags = [(p, p.requires_grad) for p in hf_module(nn).parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        return _gradient_x_activation(nn, embed, points, metric, answer, foil, keep_hidden, rows, tokens)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _gradient_x_activation(nn, embed, points, metric, answer, foil, keep_hidden, rows, tokens) -> dict:
     nn.get(embed).output.requires_grad_(True)
     activations = []
     for _, point in points:
@@ -251,13 +265,20 @@ def gradient_x_activation(model, input_ids, attention_mask, points, metric_name,
 
 
 def parameters_body(nn, paths) -> dict:
-    """The parameters of the modules at `paths` (not their children), on the CPU."""
-    return {path: {name: p.detach().cpu().clone() for name, p in nn.get(path)._module.named_parameters(recurse=False)}
-            for path in paths}
+    """The parameters and buffers of the modules at `paths` (not their children), on the CPU."""
+    out = {}
+    for path in paths:
+        module = nn.get(path)._module
+        out[path] = {
+            "parameters": {name: p.detach().cpu().clone() for name, p in module.named_parameters(recurse=False)},
+            "buffers": {name: b.detach().cpu().clone() for name, b in module.named_buffers(recurse=False)},
+        }
+    return out
 
 
-def fetch_parameters(model, paths: list[str], token_id: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Read the parameters of the modules at `paths` from wherever the model runs (one
-    one-token forward pass carries the request)."""
+def fetch_parameters(model, paths: list[str], token_id: int = 0) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Read the parameters and buffers of the modules at `paths` from wherever the model
+    runs: {path: {"parameters": {...}, "buffers": {...}}} (one one-token forward pass
+    carries the request)."""
     ids = torch.tensor([[token_id]])
     return _run(model, [TraceJob(_inputs(ids, torch.ones_like(ids)), partial(parameters_body, paths=paths))])[0]

@@ -20,8 +20,9 @@ return their results on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -74,6 +75,11 @@ class LocalExecutor:
 
     def describe(self) -> dict:
         return {"kind": self.kind}
+
+
+def hf_module(nn):
+    """The torch module an nnsight model wraps."""
+    return object.__getattribute__(nn, "_module")
 
 
 def register_for_shipping(extra_modules=()) -> None:
@@ -148,11 +154,16 @@ class SimulatedRemoteExecutor:
 def _body_modules(jobs: list[TraceJob]) -> set[str]:
     """Modules of the functions a job's body refers to (its function and, for a
     `functools.partial`, the functions among its arguments), to ship them by value."""
+    import inspect
+    import sys
+
     modules = set()
     for job in jobs:
         body = job.body
         for value in [body, getattr(body, "func", None), *getattr(body, "keywords", {}).values()]:
             for fn in value if isinstance(value, (list, tuple)) else [value]:
-                if callable(fn) and getattr(fn, "__module__", None):
-                    modules.add(fn.__module__)
+                module = getattr(fn, "__module__", None) if inspect.isfunction(fn) else None
+                # the standard library is on every server: pickling it by value breaks it
+                if module and module.partition(".")[0] not in sys.stdlib_module_names:
+                    modules.add(module)
     return modules
