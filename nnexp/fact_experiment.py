@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from .console import note
 from .counterfact import Fact, load_counterfact, load_facts
 from .data import MultiTokenError, answer_and_foil_tokens, token_strings
