@@ -170,7 +170,7 @@ class CompiledFactExperiment:
     def predict(self, facts: list[TokenizedFact], batch: int) -> None:
         """Set each fact's `predicted_id`: one left-padded forward pass per `batch` facts."""
         chunks = [facts[start : start + batch] for start in range(0, len(facts), batch)]
-        requests = [left_pad([fact.ids for fact in chunk], self.pad_id)[:2] + ([],) for chunk in chunks]
-        for chunk, (_, logits) in zip(chunks, read_positions(self.model, requests)):
-            for fact, top in zip(chunk, logits.argmax(-1).tolist()):
+        requests = [left_pad([fact.ids for fact in chunk], self.pad_id)[:2] + ([], None, "argmax") for chunk in chunks]
+        for chunk, (_, top_ids) in zip(chunks, read_positions(self.model, requests)):
+            for fact, top in zip(chunk, top_ids.tolist()):
                 fact.predicted_id = top

@@ -135,8 +135,7 @@ class CompiledGradientAttribution(CompiledFactExperiment):
                 for record in self._records(facts, offsets, out)]
 
     def _records(self, facts: list[TokenizedFact], offsets: list[int], out: dict) -> list[ExampleRecord]:
-        logits = out["logits"]
-        probs = logits.softmax(-1)
+        logits, probs = out["pair_logits"], out["pair_probs"]  # [rows, 2]: true, false
         records = []
         for row, fact in enumerate(facts):
             start = offsets[row]
@@ -152,13 +151,13 @@ class CompiledGradientAttribution(CompiledFactExperiment):
             if "hidden" in out:
                 tensors["attribution_hidden"] = LabelledTensor(out["hidden"][:, row, start:].clone(),
                                                                ("layer", "position", "hidden"), coords)
-            top = int(logits[row].argmax())
+            top = int(out["top"][row])
             scalars = {
                 "metric": float(out["metric"][row]),
-                "p_true": float(probs[row, fact.true_id]),
-                "p_false": float(probs[row, fact.false_id]),
-                "logit_true": float(logits[row, fact.true_id]),
-                "logit_false": float(logits[row, fact.false_id]),
+                "p_true": float(probs[row, 0]),
+                "p_false": float(probs[row, 1]),
+                "logit_true": float(logits[row, 0]),
+                "logit_false": float(logits[row, 1]),
                 "correct": float(top == fact.true_id),
             }
             info = fact.info()

@@ -193,7 +193,10 @@ class CompiledLogitAttribution:
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
         """One trace per batch of at most `max_rows` prompts (all of `items` by default)."""
         batches = row_batches(items, max_rows)
-        requests = [left_pad([item.prompt.ids for item in batch], self.pad_id)[:2] + (self.points,) for batch in batches]
+        # of the model's own logits only the answer's and the foil's leave the trace
+        requests = [left_pad([item.prompt.ids for item in batch], self.pad_id)[:2]
+                    + (self.points, None, torch.tensor([[item.prompt.answer_id, item.prompt.foil_id] for item in batch]))
+                    for batch in batches]
         read = read_positions(self.model, requests)
         return [record for batch, (saved, logits) in zip(batches, read) for record in self._records(batch, saved, logits)]
 
@@ -222,8 +225,8 @@ class CompiledLogitAttribution:
         def project(stack: torch.Tensor) -> torch.Tensor:  # [..., rows, d] -> [..., rows]
             return (norm.linear(stack, scale) * direction).sum(-1)
 
-        true = logits.float()
-        true_diff = true.gather(1, answer[:, None])[:, 0] - true.gather(1, foil[:, None])[:, 0]
+        true = logits.float()  # [rows, 2]: the answer's logit and the foil's
+        true_diff = true[:, 0] - true[:, 1]
         # With a logit cap the decomposition explains the logit before the cap.
         target = self._uncapped_diff(final, saved["final"].dtype, answer, foil) if self.softcap else true_diff
 

@@ -169,7 +169,7 @@ class CompiledAttributeExtraction(CompiledRecall):
         input_ids, mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
         positions = torch.tensor([[offset + self.position(fact, name) for name in self.experiment.positions]
                                   for fact, offset in zip(facts, offsets)])
-        return facts, (input_ids, mask, self.points, positions)
+        return facts, (input_ids, mask, self.points, positions, "none")
 
     def _records(self, facts: list[TokenizedFact], saved: dict) -> list[ExampleRecord]:
         experiment = self.experiment

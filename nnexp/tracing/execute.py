@@ -109,12 +109,12 @@ def run_plan(model, plan: TracePlan) -> torch.Tensor:
 # -- reading positions -------------------------------------------------------------------
 
 
-def positions_job(input_ids, attention_mask, points, positions=None) -> TraceJob:
-    body = partial(positions_body, points=points, positions=positions, shape=tuple(input_ids.shape))
+def positions_job(input_ids, attention_mask, points, positions=None, logits="all") -> TraceJob:
+    body = partial(positions_body, points=points, positions=positions, logits=logits, shape=tuple(input_ids.shape))
     return TraceJob(_inputs(input_ids, attention_mask), body)
 
 
-def positions_body(nn, points, positions, shape) -> dict:
+def positions_body(nn, points, positions, shape, logits="all") -> dict:
     rows, tokens = shape
     saved = {}
     for key, point in points:
@@ -130,24 +130,35 @@ def positions_body(nn, points, positions, shape) -> dict:
             picked = tensor[torch.arange(rows, device=tensor.device).unsqueeze(1), index]
         # clone: the model may later update a tensor it returned in place
         saved[key] = picked.detach().cpu().clone()
-    saved["__logits__"] = nn.output.logits[:, -1, :].detach().cpu()
+    if isinstance(logits, str) and logits == "none":
+        return saved
+    last = nn.output.logits[:, -1, :].detach()
+    # what leaves the trace: the whole vocabulary (a model's largest output per row), the top
+    # token only, or the logits of a few given tokens per row
+    if isinstance(logits, str):
+        saved["__logits__"] = last.argmax(-1).cpu() if logits == "argmax" else last.cpu()
+    else:
+        saved["__logits__"] = last.gather(1, logits.to(last.device)).cpu()
     return saved
 
 
-def read_positions(model, requests: list[tuple]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """For each request (input_ids, attention_mask, points[, positions]), one forward
-    pass over its left-padded batch reading each hook point at the last position (where
-    every row's last real token sits), or at `positions` ([rows, P], padded coordinates).
+def read_positions(model, requests: list[tuple]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """For each request (input_ids, attention_mask, points[, positions[, logits]]), one
+    forward pass over its left-padded batch reading each hook point at the last position
+    (where every row's last real token sits), or at `positions` ([rows, P], padded
+    coordinates).
 
-    `points` must be in forward order. Returns, per request, ({key: [rows or 1,
-    ...features]} (or [rows, P, ...features]), last-position logits [rows, vocab]), on
-    the CPU. Every request goes in one request to a remote server.
+    `points` must be in forward order. `logits` says what to return of the last-position
+    logits: "all" ([rows, vocab], the default), "argmax" ([rows] token ids), "none", or a
+    [rows, k] tensor of token ids (their logits, [rows, k]). Returns, per request,
+    ({key: [rows or 1, ...features]} (or [rows, P, ...features]), logits), on the CPU.
+    Every request goes in one request to a remote server.
     """
     values = _run(model, [positions_job(*request) for request in requests])
     out = []
     for saved in values:
         saved = dict(saved)
-        logits = saved.pop("__logits__")
+        logits = saved.pop("__logits__", None)
         out.append((saved, logits))
     return out
 
@@ -234,8 +245,13 @@ def _gradient_x_activation(nn, embed, points, metric, answer, foil, keep_hidden,
         l2.append(product.norm(dim=-1).cpu())
         if keep_hidden:
             hidden.append(product.cpu())
+    # of the logits only what the records keep leaves the trace: the true and false targets'
+    # logits and probabilities, and the top token
+    logits = logits.detach()
+    pair = torch.stack([answer.to(logits.device), foil.to(logits.device)], 1)
     out = {"raw": torch.stack(raw), "l2": torch.stack(l2), "metric": values.detach().cpu(),
-           "logits": logits.detach().cpu()}
+           "pair_logits": logits.gather(1, pair).cpu(), "pair_probs": logits.softmax(-1).gather(1, pair).cpu(),
+           "top": logits.argmax(-1).cpu()}
     if keep_hidden:
         out["hidden"] = torch.stack(hidden)
     return out
@@ -250,7 +266,8 @@ def gradients_x_activation(model, requests: list[tuple], keep_hidden: bool = Fal
     Returns per request, on the CPU, in float32: "raw" [points, rows, tokens] (summed
     over the hidden dimension), "l2" [points, rows, tokens] (its L2 norm over the
     hidden dimension), "hidden" [points, rows, tokens, d] when `keep_hidden`, "metric"
-    [rows] and "logits" [rows, vocab] at the last position.
+    [rows], and at the last position "pair_logits" and "pair_probs" [rows, 2] (answer,
+    foil) and "top" [rows] (the top token).
     """
     return _run(model, [gradient_job(model, *request, keep_hidden=keep_hidden) for request in requests])
 

@@ -9,9 +9,10 @@ experiment stores). The bodies live in `nnexp.tracing.execute`.
 Executors run a list of jobs, one list per chunk of examples:
 
 * `LocalExecutor`: one trace per job on the model's own device(s).
-* `SessionExecutor`: every job of the list in ONE nnsight session, shipped as one
-  request: `remote="local"` (serialised and deserialised in-process, with nnexp
-  hidden, the way a server would see it) or an NDIF server (`nnexp.remote`).
+* `SimulatedRemoteExecutor`: every job of the list in ONE nnsight session request,
+  with nnsight's `remote="local"` (serialised and deserialised in-process, with
+  nnexp hidden, the way a server would see it).
+* `nnexp.remote.RemoteExecutor`: the same session, sent to an NDIF server.
 
 The bodies run wherever the model is, so they move the small tensors they carry
 (row indices, values, answer ids) to the device of the activation they touch, and
