@@ -39,9 +39,10 @@ from ..console import note
 from ..errors import ConfigError
 from ..fact_experiment import FactItem, TokenizedFact
 from ..labelled import LabelledTensor
-from ..models.architectures import _get_module
 from ..results import ExampleRecord
 from ..sites import check_layers, embedding_point, resolve_site
+from ..tracing.execute import read_positions
+from ..tracing.plan import left_pad
 from ..tracing.runs import Run, RunEdit, window
 from .base import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
 
@@ -125,14 +126,23 @@ class CompiledCausalTracing(CompiledRunsExperiment):
         facts = [item.fact for item in items if item.fact is not None]
         if not facts:
             return
-        self.model.require_parameters([self.model.arch.spec.embed])
-        embed = _get_module(self.model.hf, self.model.arch.spec.embed)
+        # The embedding module's output at the subject tokens, read in a trace (one per
+        # `batch` facts): on a remote model only those vectors travel, not the embedding matrix.
+        point = [("embed", embedding_point(self.model.arch))]
+        chunks = [facts[start : start + batch] for start in range(0, len(facts), batch)]
+        requests = []
+        for chunk in chunks:
+            input_ids, mask, offsets = left_pad([fact.ids for fact in chunk], self.pad_id)
+            width = max(end - start for start, end in (fact.subject for fact in chunk))
+            # every row reads `width` positions: its subject's, repeated at the end when shorter
+            positions = torch.tensor([[offset + min(fact.subject[0] + k, fact.subject[1] - 1) for k in range(width)]
+                                      for fact, offset in zip(chunk, offsets)])
+            requests.append((input_ids, mask, point, positions, "none"))
         vectors = []
-        with torch.no_grad():
-            for fact in facts:
+        for chunk, (saved, _) in zip(chunks, read_positions(self.model, requests)):
+            for row, fact in enumerate(chunk):
                 start, end = fact.subject
-                ids = torch.tensor([fact.ids[start:end]], device=embed.weight.device)
-                vectors.append(embed(ids)[0].float().cpu())
+                vectors.append(saved["embed"][row, : end - start].float())
         std = float(torch.cat(vectors).std())
         self.noise_std = self.experiment.noise_scale * std
         note(f"causal tracing: noise std {self.noise_std:.4g} = {self.experiment.noise_scale:g} x {std:.4g}, the std of "
