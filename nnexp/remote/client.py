@@ -198,7 +198,7 @@ class RemoteExecutor:
     # -- running ------------------------------------------------------------------------
 
     def run(self, jobs: list) -> list:
-        from ..tracing.jobs import _body_modules, register_for_shipping, run_session, submit_session
+        from ..tracing.jobs import _body_modules, register_for_shipping, run_session
 
         register_for_shipping(_body_modules(jobs))
         if self.poll_job is not None:
@@ -206,7 +206,7 @@ class RemoteExecutor:
         if self.submit_only:
             def submit():
                 backend = self._backend(blocking=False)
-                submit_session(self.model.nn, jobs, backend)
+                run_session(self.model.nn, jobs, backend)
                 return backend.job_id
 
             raise JobSubmitted(self._with_retries(submit, "submitting a request"))

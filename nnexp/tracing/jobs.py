@@ -95,10 +95,12 @@ def register_for_shipping(extra_modules=()) -> None:
             nnsight.register(module)
 
 
-def run_session(nn, jobs: list[TraceJob], backend) -> list:
-    """Every job in one nnsight session run by `backend` (blocking); returns each job's
-    saved values. The session body below is what travels: nnsight re-reads it from
-    this file, so it must stay a plain `with` block."""
+def run_session(nn, jobs: list[TraceJob], backend) -> list | None:
+    """Every job in one nnsight session run by `backend`; returns each job's saved
+    values. The session body below is what travels: nnsight re-reads it from this file,
+    so it must stay a plain `with` block. A non-blocking backend only submits: the block
+    runs on the server alone, its saved values (under the name `results`) are fetched
+    later by job id, and this returns None."""
     from nnsight import save
 
     with nn.session(backend=backend):
@@ -111,25 +113,7 @@ def run_session(nn, jobs: list[TraceJob], backend) -> list:
                     value = save(job.body(nn))
             results.append(value)
         save(results)
-    return results
-
-
-def submit_session(nn, jobs: list[TraceJob], backend) -> None:
-    """The same session as `run_session`, for a non-blocking backend: the block runs on
-    the server only, and its saved values (under the name `results`) are fetched later
-    by job id."""
-    from nnsight import save
-
-    with nn.session(backend=backend):
-        results = []
-        for job in jobs:
-            inputs = dict(job.inputs)
-            input_ids = inputs.pop("input_ids")
-            with torch.enable_grad() if job.grad else torch.no_grad():
-                with nn.trace(input_ids, **inputs, **job.options):
-                    value = save(job.body(nn))
-            results.append(value)
-        save(results)
+    return results if getattr(backend, "blocking", True) else None
 
 
 class SimulatedRemoteExecutor:
