@@ -113,9 +113,10 @@ def _add_remote_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _remote_options(args) -> dict:
-    options = {"host": args.remote_host, "timeout": args.remote_timeout, "retries": args.remote_retries,
-               "trusted_hosts": args.trusted_hosts}
-    return {key: value for key, value in options.items() if value is not None}
+    """The remote options given on the command line (`fetch` takes only some of them)."""
+    options = {"host": "remote_host", "timeout": "remote_timeout", "retries": "remote_retries",
+               "trusted_hosts": "trusted_hosts"}
+    return {key: getattr(args, name) for key, name in options.items() if getattr(args, name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,9 +243,7 @@ def _resume(args, collect_only: bool = False, wait: bool = True):
     experiment = experiment_from_spec(spec["experiment"])
     stored = spec.get("run", {}).get("backend") or {"kind": "local"}
     backend = getattr(args, "backend", None) or stored["kind"]
-    remote = _remote_options(args) if hasattr(args, "remote_timeout") else {
-        key: value for key, value in {"host": args.remote_host, "trusted_hosts": args.trusted_hosts}.items()
-        if value is not None}
+    remote = _remote_options(args)
     if backend == "remote" and stored.get("host"):
         remote.setdefault("host", stored["host"])
     is_remote_model = spec["model"]["source"]["kind"] == "remote"

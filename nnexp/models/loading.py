@@ -238,26 +238,7 @@ def load_model(
     if load_in_8bit:
         placement, extra["quantization_config"] = _eight_bit(device, placement)
 
-    if name_or_path in ALIASES:
-        path = alias_folder(name_or_path)
-        name, source = name_or_path, {"kind": "alias", "alias": name_or_path}
-    elif Path(name_or_path).expanduser().is_dir():
-        path = Path(name_or_path).expanduser().resolve()
-        name, source = path.name, {"kind": "folder", "path": str(path)}
-        if not (path / "config.json").exists():
-            raise ModelError(
-                f"folder {path} has no config.json, so it is not a saved Hugging Face model; "
-                "save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
-            )
-    elif _REPO_ID.match(name_or_path):
-        path = name_or_path
-        name, source = name_or_path.replace("/", "--"), {"kind": "hub", "repo_id": name_or_path}
-    else:
-        raise ModelError(
-            f"unknown model {name_or_path!r}: not a built-in alias ({', '.join(ALIASES)}), "
-            "not an existing folder, and not a Hugging Face repo id (owner/name)"
-        )
-
+    path, name, source = _locate(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **extra)
@@ -278,24 +259,39 @@ def load_model(
     return model.use_backend(backend)
 
 
+def _locate(name_or_path: str) -> tuple[Path | str, str, dict]:
+    """Where a model name points: (what from_pretrained takes, the results name, the source)."""
+    if name_or_path in ALIASES:
+        return alias_folder(name_or_path), name_or_path, {"kind": "alias", "alias": name_or_path}
+    if Path(name_or_path).expanduser().is_dir():
+        path = Path(name_or_path).expanduser().resolve()
+        if not (path / "config.json").exists():
+            raise ModelError(
+                f"folder {path} has no config.json, so it is not a saved Hugging Face model; "
+                "save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
+            )
+        return path, path.name, {"kind": "folder", "path": str(path)}
+    if _REPO_ID.match(name_or_path):
+        return name_or_path, name_or_path.replace("/", "--"), {"kind": "hub", "repo_id": name_or_path}
+    raise ModelError(
+        f"unknown model {name_or_path!r}: not a built-in alias ({', '.join(ALIASES)}), "
+        "not an existing folder, and not a Hugging Face repo id (owner/name)"
+    )
+
+
 def _load_remote(name_or_path: str, dtype, attn_implementation, remote_model, options) -> Model:
     """A model that runs on a server: its module tree on the meta device (no weights),
     its tokenizer here, and a remote executor."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path in ALIASES:
-        path, default_id = alias_folder(name_or_path), ALIASES[name_or_path].hub_id
-    elif Path(name_or_path).expanduser().is_dir():
-        path, default_id = Path(name_or_path).expanduser().resolve(), None
-        if remote_model is None:
-            raise ModelError(
-                f"{path} is a local folder; a remote server cannot load it. Pass the repo id the server serves "
-                "the same model under (--remote-model owner/name), or run locally"
-            )
-    elif _REPO_ID.match(name_or_path):
-        path, default_id = name_or_path, name_or_path
-    else:
-        raise ModelError(f"unknown model {name_or_path!r}: not a built-in alias, a folder or a repo id (owner/name)")
+    path, _, source = _locate(name_or_path)
+    if source["kind"] == "folder" and remote_model is None:
+        raise ModelError(
+            f"{path} is a local folder; a remote server cannot load it. Pass the repo id the server serves "
+            "the same model under (--remote-model owner/name), or run locally"
+        )
+    default_id = {"alias": ALIASES[name_or_path].hub_id if name_or_path in ALIASES else None,
+                  "hub": name_or_path, "folder": None}[source["kind"]]
     repo_id = remote_model or default_id
     if not _REPO_ID.match(repo_id or ""):
         raise ModelError(f"remote model {repo_id!r} is not a Hugging Face repo id (owner/name)")

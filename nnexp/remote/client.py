@@ -54,10 +54,6 @@ class JobPending(Exception):
         self.status = status
 
 
-class _Transient(Exception):
-    """A failure worth retrying, with its explanation."""
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
@@ -310,7 +306,7 @@ class RemoteExecutor:
             if status >= 500 or status == 429:
                 return f"the server is unavailable (HTTP {status}: {text})", True
             return f"the server refused the request (HTTP {status}: {text})", False
-        if isinstance(error, websocket.WebSocketTimeoutException) or isinstance(error, (TimeoutError, httpx.TimeoutException)):
+        if isinstance(error, (websocket.WebSocketTimeoutException, TimeoutError, httpx.TimeoutException)):
             return f"no word from the server for {self.timeout:g} s", True
         if isinstance(error, websocket.WebSocketConnectionClosedException):
             return "the server closed the connection before the job finished", True

@@ -163,11 +163,6 @@ def read_positions(model, requests: list[tuple]) -> list[tuple[dict[str, torch.T
     return out
 
 
-def read_last_position(model, input_ids, attention_mask, points, positions=None):
-    """`read_positions` for one batch."""
-    return read_positions(model, [(input_ids, attention_mask, points, positions)])[0]
-
-
 def sum_over_tokens(model, requests: list[tuple]) -> list[dict[str, torch.Tensor]]:
     """For each request (input_ids, attention_mask, points), one forward pass; each
     hook point's tensor summed over every real (unpadded) token of every row, in
@@ -215,9 +210,10 @@ def gradient_body(nn, embed, points, metric, answer, foil, keep_hidden, shape) -
     gradients. Rows do not interact (padding is masked), so the gradient of the sum of
     the rows' metrics gives each row its own gradient."""
     rows, tokens = shape
-    # No weight gradients: freeze the parameters for this pass (the local executor has
-    # already; a server's model has not), so the backward graph, and with it the order
-    # in which gradients are summed, is the same wherever this runs.
+    # No weight gradients: freeze the parameters for this pass, here as on a server, so
+    # the backward graph, and with it the order in which gradients are summed, is the
+    # same wherever this runs. A loop, not memory.frozen_parameters: nnsight ships
+    # functions by source, and a @contextmanager arrives as a bare generator.
     flags = [(p, p.requires_grad) for p in hf_module(nn).parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -270,12 +266,6 @@ def gradients_x_activation(model, requests: list[tuple], keep_hidden: bool = Fal
     foil) and "top" [rows] (the top token).
     """
     return _run(model, [gradient_job(model, *request, keep_hidden=keep_hidden) for request in requests])
-
-
-def gradient_x_activation(model, input_ids, attention_mask, points, metric_name, answer, foil, keep_hidden=False):
-    """`gradients_x_activation` for one batch."""
-    return gradients_x_activation(model, [(input_ids, attention_mask, points, metric_name, answer, foil)],
-                                  keep_hidden)[0]
 
 
 # -- parameters ------------------------------------------------------------------------

@@ -53,24 +53,16 @@ class LocalExecutor:
     def run(self, jobs: list[TraceJob]) -> list:
         from nnsight import save
 
-        from .memory import frozen_parameters
-
         nn = self.model.nn
         device = self.model.device
         results = []
         for job in jobs:
             inputs = {name: value.to(device) for name, value in job.inputs.items()}
             input_ids = inputs.pop("input_ids")
-            if job.grad:
-                # The parameters need no gradients: the backward then neither computes
-                # nor stores weight gradients.
-                with frozen_parameters(self.model.hf), torch.enable_grad():
-                    with nn.trace(input_ids, **inputs, **job.options):
-                        value = save(job.body(nn))
-            else:
-                with torch.no_grad():
-                    with nn.trace(input_ids, **inputs, **job.options):
-                        value = save(job.body(nn))
+            # (a gradient body freezes the weights itself, here as on a server)
+            with torch.enable_grad() if job.grad else torch.no_grad():
+                with nn.trace(input_ids, **inputs, **job.options):
+                    value = save(job.body(nn))
             results.append(value)
         return results
 
