@@ -88,8 +88,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="examples batched into one trace (default: 1 for patching, 16 for logit and gradient attribution)")
     parser.add_argument("--max-rows", type=int, default=None, help="split traces with more rows than this (bounds memory)")
     parser.add_argument("--memory-budget", default=None, metavar="BYTES",
-                        help="activation memory one trace may use, e.g. 2GB or 512MiB; traces are split to fit "
-                             "(gradient attribution)")
+                        help="activation memory a trace may use on each device, e.g. 2GB or 512MiB; traces are "
+                             "split to fit (every experiment kind)")
     parser.add_argument("--no-figures", action="store_true", help="store results without drawing figures")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     _add_remote_options(parser)

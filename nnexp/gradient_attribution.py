@@ -37,7 +37,6 @@ from typing import ClassVar
 
 import torch
 
-from .console import note
 from .errors import ConfigError, DataError
 from .fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 from .labelled import LabelledTensor
@@ -45,6 +44,7 @@ from .metrics import get_metric
 from .results import ExampleRecord
 from .sites import check_layers, resolve_site
 from .tracing.execute import gradients_x_activation
+from .tracing.memory import rows_for_budget, tightest
 from .tracing.plan import left_pad, row_batches
 
 GRADIENT_SITES = ("mlp_out", "attn_out", "resid_pre", "resid_post")
@@ -101,31 +101,26 @@ class CompiledGradientAttribution(CompiledFactExperiment):
         self.rows_per_trace: int | None = None
 
     def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
-        """Size batches so that the autograd graph of one trace fits in `budget` bytes."""
-        from .models.architectures import _get_module
-        from .tracing.memory import autograd_bytes_per_row
-
-        longest = max((item.fact for item in items), key=lambda f: len(f.ids))
-        per_row = autograd_bytes_per_row(self.model.hf, _get_module(self.model.hf, self.model.arch.spec.embed), longest.ids)
-        d_model = self.model.hf.get_input_embeddings().weight.shape[1]
-        kept = len(self.points) * len(longest.ids) * 4 * (2 + (d_model if self.experiment.keep_hidden else 0))
-        per_row += kept
-        rows = budget // per_row
-        if rows < 1:
-            raise ConfigError(
-                f"memory budget {budget} bytes is below what one row needs ({per_row} bytes for the longest prompt, "
-                f"{len(longest.ids)} tokens); raise the budget"
-            )
-        self.rows_per_trace = rows
-        note(f"memory budget {budget / 2**20:.0f} MiB: about {per_row / 2**20:.1f} MiB per row, so at most {rows} rows per trace")
-        return rows
+        """Size batches so that one trace (forward, autograd graph, backward) peaks under
+        `budget` bytes on every device (measured; see `nnexp.tracing.memory`)."""
+        tokens = max(len(item.fact.ids) for item in items)
+        d = self.model.arch.d_model
+        width = torch.finfo(self.model.dtype).bits // 8
+        # beyond the plain forward and backward: the gradient at every site (all returned
+        # at once), one site's float32 product and activation at a time, what is kept
+        per_row = len(self.points) * tokens * (d * width + 8) + 2 * 4 * tokens * d
+        if self.experiment.keep_hidden:
+            per_row += len(self.points) * tokens * d * 4
+        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, grad=True, kept_per_row=per_row,
+                                              what="gradient attribution of one fact")
+        return self.rows_per_trace
 
     # -- running -----------------------------------------------------------------
 
     def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
         """One forward + backward trace per batch of at most `max_rows` facts (and at
         most what the memory budget allows)."""
-        batches = [[item.fact for item in batch] for batch in row_batches(items, max_rows, self.rows_per_trace)]
+        batches = [[item.fact for item in batch] for batch in row_batches(items, tightest(max_rows, self.rows_per_trace))]
         padded = [left_pad([fact.ids for fact in facts], self.pad_id) for facts in batches]
         requests = [(input_ids, mask, self.points, self.experiment.metric,
                      torch.tensor([fact.true_id for fact in facts]), torch.tensor([fact.false_id for fact in facts]))

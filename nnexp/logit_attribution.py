@@ -58,6 +58,7 @@ from .prompts import Prompt, TokenizedPrompt, load_prompts, tokenize_prompt
 from .results import ExampleRecord
 from .sites import HookPoint, resolve_site
 from .tracing.execute import read_positions
+from .tracing.memory import rows_for_budget, tightest
 from .tracing.plan import left_pad, row_batches
 
 ANALYSES = ("logit_lens", "dla_layers", "dla_heads")
@@ -190,9 +191,28 @@ class CompiledLogitAttribution:
             example = Prompt.from_pair(example)
         return _Item(tokenize_prompt(self.model.tokenizer, example, index))
 
+    rows_per_trace: int | None = None  # set by a memory budget
+
+    def set_memory_budget(self, items: list[_Item], budget: int) -> int:
+        """Cap the prompts per trace so that a trace, and the read-out of what it
+        returns, peak under `budget` bytes on every device."""
+        d = self.W_U.shape[1]
+        layers = self.n_layers
+        saved = 4 * d * len(self.points)  # per row: one vector per point read
+        # the read-out: the vectors' float32 copies, the stacks it builds, and with
+        # dla_heads every head's share of every attention output, per row; the logit
+        # lens projects one row at a time: [points, vocab] float32 logits and softmax
+        per_row = 2 * saved + 4 * d * (5 * layers + 1 + (2 * layers * self.n_heads if self.heads else 0))
+        fixed = 2 * 4 * (2 * layers + 1) * self.W_U.shape[0] if "logit_lens" in self.experiment.analyses else 0
+        tokens = max(len(item.prompt.ids) for item in items)
+        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, kept_per_row=saved, readout=(fixed, per_row),
+                                              what="logit attribution of one prompt")
+        return self.rows_per_trace
+
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
-        """One trace per batch of at most `max_rows` prompts (all of `items` by default)."""
-        batches = row_batches(items, max_rows)
+        """One trace per batch of at most `max_rows` prompts (all of `items` by default,
+        or what the memory budget allows)."""
+        batches = row_batches(items, tightest(max_rows, self.rows_per_trace))
         # of the model's own logits only the answer's and the foil's leave the trace
         requests = [left_pad([item.prompt.ids for item in batch], self.pad_id)[:2]
                     + (self.points, None, torch.tensor([[item.prompt.answer_id, item.prompt.foil_id] for item in batch]))

@@ -44,6 +44,7 @@ from .metrics import get_metric
 from .results import ExampleRecord
 from .sites import HEAD_SITES, check_heads, check_layers, check_site, resolve_site
 from .tracing.execute import run_plans
+from .tracing.memory import rows_for_budget, tightest
 from .tracing.plan import CopyRows, TracePlan, group_edits, left_pad
 
 
@@ -150,6 +151,15 @@ class CompiledPatching:
             (site, layer): resolve_site(site, layer, arch) for site in experiment.sites for layer in self.layers
         }
         self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        self.rows_per_trace: int | None = None  # set by a memory budget
+
+    def set_memory_budget(self, items: list[_Item], budget: int) -> int:
+        """Cap the rows per trace so that a trace's activations peak under `budget`
+        bytes on every device (measured at the longest example's length)."""
+        tokens = max(item.pair.n_tokens for item in items)
+        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, minimum=3,
+                                              what="a patching trace (clean, corrupted and one patched run)")
+        return self.rows_per_trace
 
     # -- preparing examples ---------------------------------------------------
 
@@ -200,7 +210,7 @@ class CompiledPatching:
     def plans(self, items: list[_Item], max_rows: int | None = None) -> list[tuple[list, TracePlan]]:
         """The trace plans for `items`: as few as `max_rows` allows, each with its layout
         (which cells of which example each row group holds)."""
-        return [(trace, self._plan(trace)) for trace in _pack(items, max_rows)]
+        return [(trace, self._plan(trace)) for trace in _pack(items, tightest(max_rows, self.rows_per_trace))]
 
     def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
         """Run the sweeps of `items`, packed into as few traces as `max_rows` allows."""

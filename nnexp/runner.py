@@ -154,9 +154,9 @@ def run(
             experiment kind's `examples_per_trace`; 1 for patching, whose single
             example already fills a trace with hundreds of rows).
         max_rows: split any trace with more rows than this (memory bound).
-        memory_budget: bytes of activation memory one trace may use ("2GB", "512MiB");
-            traces are split to fit. Supported by gradient attribution (measured) and the
-            factual-recall analyses (estimated); patching and logit attribution take `max_rows`.
+        memory_budget: bytes of activation memory one trace may use on each device, on
+            top of the weights ("2GB", "512MiB"); every experiment kind splits its traces
+            to fit, by the measured cost of a row (`nnexp.tracing.memory`).
         load_in_8bit: when `model` is a name, load it in 8 bits (bitsandbytes, CUDA only).
         figures: draw figures when the run completes.
         backend: "local"; "remote" (an NDIF server: each chunk of examples is one

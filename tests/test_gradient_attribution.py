@@ -91,38 +91,27 @@ def test_one_forward_and_backward_per_batch_and_frozen_parameters(gpt2_tiny, mon
         assert a.scalars["metric"] == pytest.approx(b.scalars["metric"], rel=1e-5)
 
 
-def test_memory_budget_sizes_the_batches(gpt2_tiny, tmp_path, monkeypatch):
-    from nnexp.tracing.memory import autograd_bytes_per_row, parse_bytes
+def test_memory_budget_sizes_the_batches(gpt2_tiny, monkeypatch):
+    from nnexp.tracing.memory import parse_bytes, row_cost
     from tests.conftest import count_traces
 
     assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(1000) == 1000
     with pytest.raises(ConfigError, match="write it like 2GB"):
         parse_bytes("lots")
     facts = gpt2_facts(gpt2_tiny.tokenizer, 8)
-    longest = max(len(gpt2_tiny.tokenizer(f.prompt).input_ids) for f in facts)
-    per_row = autograd_bytes_per_row(gpt2_tiny.hf, gpt2_tiny.hf.transformer.wte, list(range(longest)))
-    # a 64-wide, 3-layer model: the graph holds at least every layer's hidden states, not the weights
-    assert 3 * longest * 64 * 4 < per_row < 10**7
-    calls = count_traces(gpt2_tiny, monkeypatch)
-    budget = int(per_row * 3.5)
-    experiment = GradientAttributionExperiment()
-    compiled = experiment.compile(gpt2_tiny)
+    compiled = GradientAttributionExperiment().compile(gpt2_tiny)
     items = [compiled.prepare(f, i) for i, f in enumerate(facts)]
-    assert compiled.set_memory_budget(items, budget) == 3
+    longest = max(len(item.fact.ids) for item in items)
+    forward, backward = row_cost(gpt2_tiny, longest), row_cost(gpt2_tiny, longest, grad=True)
+    assert backward.per_row["cpu"] > forward.per_row["cpu"]  # a backward pass holds the autograd graph
+    calls = count_traces(gpt2_tiny, monkeypatch)
+    rows = compiled.set_memory_budget(items, int(3.2 * (backward.fixed["cpu"] + backward.per_row["cpu"])))
+    assert 1 <= rows < 8
     compiled.run(items)
-    assert calls == [3, 3, 2]
-    with pytest.raises(ConfigError, match="below what one row needs"):
+    assert calls == [rows] * (8 // rows) + ([8 % rows] if 8 % rows else [])
+    with pytest.raises(ConfigError, match="below what gradient attribution of one fact needs"):
         compiled.set_memory_budget(items, 1000)
-    # other experiment kinds say how to bound their memory instead
-    with pytest.raises(ConfigError, match="does not size its traces by a memory budget yet"):
-        nnexp.run(_ioi(), gpt2_tiny, out=tmp_path / "p",
-                  memory_budget="1GB", figures=False)
 
-
-def _ioi():
-    from experiments.ioi_patching import IOIPatching
-
-    return IOIPatching(n_examples=1)
 
 
 def test_multi_token_targets_subjects_and_bad_parameters(gpt2_tiny):

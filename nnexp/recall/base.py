@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..console import note
 from ..errors import ConfigError
 from ..fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 from ..results import ExampleRecord
 from ..tracing.execute import run_plans
+from ..tracing.memory import row_cost, rows_for_budget, tightest
 from ..tracing.runs import Run, build_plan, pack_runs
 
 ATTRIBUTES = ("predicted", "true")
@@ -111,12 +111,15 @@ class CompiledRunsExperiment(CompiledRecall):
         for fact in facts:
             base, variants = self.runs(fact)
             laid_out.append((fact.index, fact.ids, self.attribute_id(fact), fact.false_id, base, variants))
-        limit = min([x for x in (max_rows, self.rows_per_trace) if x is not None], default=None)
+        limit = tightest(max_rows, self.rows_per_trace)
         if limit is None:
             # causal tracing makes thousands of runs per fact: without a bound from the
-            # user, keep each trace's activations near DEFAULT_MEMORY_BUDGET
-            per_row = forward_bytes_per_row(self.model, max(len(fact.ids) for fact in facts))
-            limit = max(2, DEFAULT_MEMORY_BUDGET // per_row)
+            # user, keep each trace's activations under DEFAULT_MEMORY_BUDGET (measured
+            # here; estimated for a remote model, whose weights are not here to measure)
+            if self.model.is_remote:
+                limit = max(2, DEFAULT_MEMORY_BUDGET // forward_bytes_per_row(self.model, max(len(f.ids) for f in facts)))
+            else:
+                limit = self._rows_within(items, DEFAULT_MEMORY_BUDGET, quiet=True)
         base_values: dict[int, torch.Tensor] = {}
         variant_values = {fact.index: torch.full((len(laid[5]), 2), float("nan")) for fact, laid in zip(facts, laid_out)}
         traces = pack_runs(laid_out, limit)
@@ -129,23 +132,27 @@ class CompiledRunsExperiment(CompiledRecall):
         return [self.record(fact, base_values[fact.index], variant_values[fact.index]) for fact in facts]
 
     def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
-        """Cap the rows per trace so that an estimate of one forward pass's activations
-        fits in `budget` bytes (see `forward_bytes_per_row`)."""
-        longest = max(len(item.fact.ids) for item in items)
-        per_row = forward_bytes_per_row(self.model, longest)
-        rows = budget // per_row
-        if rows < 2:
-            raise ConfigError(f"memory budget {budget} bytes is below what two rows need ({per_row} bytes per row for "
-                              f"the longest prompt, {longest} tokens); raise the budget")
-        self.rows_per_trace = rows
-        note(f"memory budget {budget / 2**20:.0f} MiB: about {per_row / 2**20:.2f} MiB per row, "
-             f"so at most {rows} rows per trace")
-        return rows
+        """Cap the rows per trace so that a trace's activations peak under `budget`
+        bytes on every device (measured; see `nnexp.tracing.memory`)."""
+        self.rows_per_trace = self._rows_within(items, budget)
+        return self.rows_per_trace
+
+    def _rows_within(self, items: list[FactItem], budget: int, quiet: bool = False) -> int:
+        tokens = max(len(item.fact.ids) for item in items)
+        base, _ = self.runs(items[0].fact)
+        # beyond the plain pass, a row carries its edit's values (noise, ablation
+        # values: at most one vector per token) and an edited copy of the attention mask
+        width = torch.finfo(self.model.dtype).bits // 8
+        per_row = 4 * tokens * self.model.arch.d_model + width * tokens * tokens
+        what = f"this experiment ({len(base)} base runs per fact and one edited run)"
+        if quiet:
+            return row_cost(self.model, tokens).rows(budget, per_row, len(base) + 1, what)
+        return rows_for_budget(self.model, budget, tokens, kept_per_row=per_row, minimum=len(base) + 1, what=what)
 
 
 def forward_bytes_per_row(model, tokens: int) -> int:
-    """An upper estimate of the activation bytes one row of a no-grad forward pass holds
-    at its peak: the residual stream and a block's largest intermediates (queries, keys,
+    """For a remote model, whose weights are not here to measure: an upper estimate of
+    the activation bytes one row of a no-grad forward pass holds at its peak: the residual stream and a block's largest intermediates (queries, keys,
     values, the MLP's hidden layer, the attention scores of every head), plus the
     last-position logits and their softmax in float32. Weights are not counted."""
     config = model.hf.config

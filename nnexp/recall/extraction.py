@@ -40,6 +40,7 @@ from ..models.architectures import _get_module
 from ..results import ExampleRecord
 from ..sites import check_layers, resolve_site
 from ..tracing.execute import read_positions
+from ..tracing.memory import rows_for_budget, tightest
 from ..tracing.plan import left_pad, row_batches
 from .base import CompiledRecall, RecallExperiment, check_choices
 
@@ -152,8 +153,26 @@ class CompiledAttributeExtraction(CompiledRecall):
     def position(self, fact: TokenizedFact, name: str) -> int:
         return fact.last_subject if name == "last_subject" else len(fact.ids) - 1
 
+    rows_per_trace: int | None = None  # set by a memory budget
+
+    def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
+        """Cap the facts per trace so that a trace and its projections to the vocabulary
+        peak under `budget` bytes on every device."""
+        d = self.embedding.shape[1]
+        vocab = self.embedding.shape[0]
+        n_pos = len(self.experiment.positions)
+        # per fact: the vectors read; in the read-out, the logits of one projection at a
+        # time (in the model's dtype, then float32) and the comparison the ranks need
+        width = torch.finfo(self.model.dtype).bits // 8
+        saved = 4 * d * len(self.points) * n_pos
+        readout = saved + (width + 4 + 1) * n_pos * vocab
+        tokens = max(len(item.fact.ids) for item in items)
+        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, kept_per_row=saved, readout=(0, readout),
+                                              what="attribute extraction of one fact")
+        return self.rows_per_trace
+
     def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
-        batches = [self._request(batch) for batch in row_batches(items, max_rows)]
+        batches = [self._request(batch) for batch in row_batches(items, tightest(max_rows, self.rows_per_trace))]
         read = read_positions(self.model, [request for _, request in batches])
         return [record for (facts, _), (saved, _) in zip(batches, read) for record in self._records(facts, saved)]
 

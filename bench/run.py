@@ -1,0 +1,82 @@
+"""The benchmark harness: every section, one model, one device, in one run.
+
+    python -m bench.run [--model smollm2-135m] [--device cpu] [--dtype float32]
+                        [--sections patching,attribution,throughput,budget] [--reps 5]
+                        [--transformer-lens] [--inseq] [--out bench/results/NAME.md]
+
+Sections: IOI patching sweeps against the floor, nnsight's per-invoke pattern, a loop
+of traces and TransformerLens (bench/patching_sweeps.py); all-layer attribution
+against a per-layer loop and Inseq (bench/attribution.py); dataset throughput over
+1,000 CounterFact-style facts (bench/throughput.py); the memory budget
+(bench/budget.py). Timings are medians over interleaved repetitions; every contender's
+numbers are checked against nnexp's first. Prints markdown tables (and writes them
+to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nnexp import console
+
+from . import attribution, budget, patching_sweeps, throughput
+from .common import bench_model, machine
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' per-cell loops draw progress bars
+
+SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="an nnexp model name, gpt2-small-shape or gpt2-xl-shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--sections", default="patching,attribution,throughput,budget")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="skip the slowest contenders and warm-ups (a smoke run)")
+    parser.add_argument("--transformer-lens", action="store_true", help="add TransformerLens' per-cell patching")
+    parser.add_argument("--tl-cells", type=int, default=64, help="cells of the TransformerLens loop to time")
+    parser.add_argument("--inseq", action="store_true", help="add Inseq's per-layer calls (its own environment)")
+    parser.add_argument("--facts", type=int, default=16, help="facts in the attribution batch")
+    parser.add_argument("--loop-layers", type=int, default=0, help="layers the per-layer loops are timed on (0: all)")
+    parser.add_argument("--examples", type=int, default=1000, help="facts in the throughput dataset")
+    parser.add_argument("--batches", default="1,16,64", help="examples per trace in the throughput section")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    console.set_quiet(True)
+    model = bench_model(args.model, args.device, args.dtype)
+    if args.loop_layers <= 0:
+        args.loop_layers = model.arch.n_layers
+    header = (f"model {args.model} ({model.arch.n_layers} layers, d={model.arch.d_model}), {args.dtype}, "
+              f"{args.device}; {machine(args.device)}; {args.reps} interleaved repetitions\n\n"
+              f"command: python -m bench.run {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    print(header, flush=True)
+    chunks = [header]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.sections.split(","):
+            start = time.perf_counter()
+            folder = Path(tmp) / name
+            folder.mkdir()
+            for table in SECTIONS[name].run(model, args, folder):
+                text = table.markdown()
+                print(text, flush=True)
+                chunks.append(text)
+            print(f"({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(chunks))
+
+
+if __name__ == "__main__":
+    main()
