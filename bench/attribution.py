@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from nnexp.counterfact import builtin_facts
 from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.tracing.memory import frozen_parameters
 from nnexp.tracing.plan import left_pad
 
 from .common import Table, mib, peak_bytes, ratio, sync, time_interleaved
@@ -50,19 +51,14 @@ def floor(model, modules, ids, mask, true, false, layers=None):
     seen = {}
     handles = [modules[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out)) for i in layers]
     embed = model.hf.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    flags = [(p, p.requires_grad) for p in model.hf.parameters()]
     try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad():
+        with frozen_parameters(model.hf), torch.enable_grad():
             logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
             grads = torch.autograd.grad(_metric(logits, true, false).sum(), [seen[i] for i in layers])
             return [(g * seen[i].detach()).sum(-1) for i, g in zip(layers, grads)]
     finally:
         for handle in handles + [embed]:
             handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def per_layer_loop(model, modules, facts, layers):
@@ -175,4 +171,4 @@ def run(model, args, folder: Path) -> list[Table]:
     if scale != 1:
         table.notes.append(f"the loops were timed over {len(sample)} of {n_layers} layers ({sample}) and scaled by "
                            f"{scale:.1f}: each call is a full forward and backward whatever the layer")
-    return table and [table]
+    return [table]
