@@ -10,7 +10,10 @@ of each:
 - nnexp: `PatchingExperiment(...).compile(model).run([item])`, one nnsight trace;
 - nnsight, one invoke per patched run: the tutorial pattern, all invokes batched into
   one forward by nnsight, each with its own intervention code;
-- a loop of separate traces: one trace per patched run (plus one clean, one corrupted);
+- a loop of separate traces: one trace per patched run (plus one clean, one corrupted).
+  Every trace costs about the same, so the loop is timed over a sample of cells
+  (`--loop-cells`) and its time scaled to the whole sweep: the full loop of 1,600
+  traces takes minutes per pass on a CPU;
 - TransformerLens: `patching.get_act_patch_resid_pre` / `get_act_patch_attn_head_out_by_pos`
   on a `TransformerBridge` over the same weights, one forward per cell. Its loop is
   timed over a sample of cells (TransformerLens' own `index_df`), and its time per
@@ -129,12 +132,15 @@ def per_invoke(model, compiled, item) -> torch.Tensor:
     return torch.cat([v.cpu() for v in values])
 
 
-def loop_of_traces(model, compiled, item) -> torch.Tensor:
+def loop_of_traces(model, compiled, item, sample: list[int] | None = None) -> torch.Tensor:
     """One trace per run: the clean run (saving every activation a patch needs), the
-    corrupted run, then one trace per patched run."""
+    corrupted run, then one trace per patched run (of every cell, or of the cells at
+    indices `sample` of the item's run cells)."""
     nn = model.nn
     pair = item.pair
     cells = [item.cells[i] for i in item.run_cells]
+    if sample is not None:
+        cells = [cells[i] for i in sample]
     points = sorted({compiled.points[(c.site, c.layer)] for c in cells}, key=lambda p: p.order)
     device = model.device
     clean_ids, corrupted_ids = torch.tensor([pair.clean_ids], device=device), torch.tensor([pair.corrupted_ids], device=device)
@@ -211,9 +217,10 @@ class TransformerLensSweep:
 # -- the section -----------------------------------------------------------------------------------
 
 
-def run(model, args, folder) -> list[Table]:
-    tables, prepared = [], []
+def run(model, args, folder):
+    """Each sweep's table, as soon as it is measured."""
     device = model.device
+    tl = TransformerLensSweep(model, folder) if args.transformer_lens else None
     for title, options in SWEEPS.items():
         compiled = PatchingExperiment(**options).compile(model)
         item = compiled.prepare(PAIR, 0)
@@ -223,39 +230,42 @@ def run(model, args, folder) -> list[Table]:
             FLOOR: partial(floor, model, plan),
             NNEXP: partial(compiled.run, [item]),
             INVOKES: partial(per_invoke, model, compiled, item),
-            TRACES: partial(loop_of_traces, model, compiled, item),
         }
-        if args.quick:
-            contenders.pop(TRACES)
-        # the same numbers first
-        for name in (FLOOR, INVOKES, TRACES):
-            if name in contenders:
-                _check(name, contenders[name](), reference, model.dtype)
+        n_cells = plan.n_rows - 2
+        sample = sorted(random.Random(0).sample(range(n_cells), min(args.loop_cells, n_cells)))
+        if not args.quick:
+            contenders[TRACES] = partial(loop_of_traces, model, compiled, item, sample)
+        # the same numbers first (the loop's on its sample: clean, corrupted, then its cells)
+        for name in (FLOOR, INVOKES):
+            _check(name, contenders[name](), reference, model.dtype)
+        if TRACES in contenders:
+            _check(TRACES, contenders[TRACES](), reference[[0, 1] + [2 + i for i in sample]], model.dtype)
         times = time_interleaved(contenders, args.reps, device, warmup=0)  # the checks above warmed up
         peaks = {name: peak_bytes(fn) for name, fn in contenders.items()}
-        table = Table(f"IOI patching, {title}: {plan.n_rows} rows ({plan.n_rows - 2} patched runs)",
+        if TRACES in times:
+            # every trace costs about the same: scale the sample's traces to the sweep's
+            times[TRACES] *= (n_cells + 2) / (len(sample) + 2)
+        table = Table(f"IOI patching, {title}: {plan.n_rows} rows ({n_cells} patched runs)",
                       ["contender", "median (s)", "/ floor", "peak memory (MiB)"])
         for name, seconds in times.items():
             table.add(name, seconds, ratio(seconds, times[FLOOR]), mib(peaks[name]))
         for other, what in ((INVOKES, "one invoke per patched run"), (TRACES, "a loop of traces")):
             if other in times:
                 table.notes.append(f"{what} takes {times[other] / times[NNEXP]:.1f}x nnexp's time")
-        tables.append(table)
-        prepared.append((table, compiled, item, options, reference, times[FLOOR], times[NNEXP]))
-    if args.transformer_lens:
-        tl = TransformerLensSweep(model, folder)
-        for table, compiled, item, options, reference, floor_s, nnexp_s in prepared:
+        if TRACES in times:
+            table.notes.append(f"the loop of traces was timed on {len(sample) + 2} of its {n_cells + 2} traces "
+                               f"(clean, corrupted and {len(sample)} sampled cells) and scaled to the sweep")
+        if tl is not None:
             seconds, note = _time_transformer_lens(tl, compiled, item, options, reference, args)
-            table.add(TL, seconds, ratio(seconds, floor_s), "")
-            table.notes.append(note + f"; it takes {seconds / nnexp_s:.1f}x nnexp's time")
-        del tl
-    return tables
+            table.add(TL, seconds, ratio(seconds, times[FLOOR]), "")
+            table.notes.append(note + f"; it takes {seconds / times[NNEXP]:.1f}x nnexp's time")
+        yield table
 
 
 FLOOR = "floor: one plain forward, raw PyTorch hooks"
 NNEXP = "nnexp: one trace"
 INVOKES = "nnsight: one invoke per patched run"
-TRACES = "nnsight: a loop of separate traces"
+TRACES = "nnsight: a loop of separate traces (scaled from a sample)"
 TL = "TransformerLens: one forward per cell (scaled from a sample)"
 
 

@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="skip the slowest contenders and warm-ups (a smoke run)")
     parser.add_argument("--transformer-lens", action="store_true", help="add TransformerLens' per-cell patching")
+    parser.add_argument("--loop-cells", type=int, default=64, help="cells of the loop of traces to time")
     parser.add_argument("--tl-cells", type=int, default=64, help="cells of the TransformerLens loop to time")
     parser.add_argument("--inseq", action="store_true", help="add Inseq's per-layer calls (its own environment)")
     parser.add_argument("--facts", type=int, default=16, help="facts in the attribution batch")

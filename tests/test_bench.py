@@ -15,7 +15,7 @@ def test_harness_runs_every_section(tmp_path, capsys):
 
     out = tmp_path / "tiny.md"
     main(["--model", "gpt2-tiny-shape", "--reps", "1", "--examples", "24", "--batches", "1,8", "--facts", "4",
-          "--transformer-lens", "--tl-cells", "4", "--loop-layers", "1", "--out", str(out)])
+          "--transformer-lens", "--tl-cells", "4", "--loop-cells", "4", "--loop-layers", "1", "--out", str(out)])
     text = out.read_text()
     for title in ("IOI patching, residual stream", "IOI patching, heads", "All-layer contrastive attribution",
                   "Dataset throughput", "Memory budget"):
