@@ -254,10 +254,11 @@ def run(model, args, folder):
                 table.notes.append(f"{what} takes {times[other] / times[NNEXP]:.1f}x nnexp's time")
         if TRACES in times:
             table.notes.append(f"the loop of traces was timed on {len(sample) + 2} of its {n_cells + 2} traces "
-                               f"(clean, corrupted and {len(sample)} sampled cells) and scaled to the sweep")
+                               f"(clean, corrupted and {len(sample)} sampled cells) and scaled to the sweep; its peak "
+                               "memory is one trace's, as for TransformerLens' one forward per cell")
         if tl is not None:
-            seconds, note = _time_transformer_lens(tl, compiled, item, options, reference, args)
-            table.add(TL, seconds, ratio(seconds, times[FLOOR]), "")
+            seconds, peak, note = _time_transformer_lens(tl, compiled, item, options, reference, args)
+            table.add(TL, seconds, ratio(seconds, times[FLOOR]), mib(peak))
             table.notes.append(note + f"; it takes {seconds / times[NNEXP]:.1f}x nnexp's time")
         yield table
 
@@ -299,5 +300,7 @@ def _time_transformer_lens(tl, compiled, item, options, reference, args):
     _check("TransformerLens", got, want, compiled.model.dtype)
     error = float((got - want).abs().max())
     total = per_cell * len(index)
-    return total, (f"TransformerLens timed on {len(chosen)} of {len(index)} cells (max difference from nnexp "
+    # its clean cache and one patched forward at a time: a few cells show its peak
+    peak = peak_bytes(lambda: tl.run(item.pair, site, chosen[:4]))
+    return total, peak, (f"TransformerLens timed on {len(chosen)} of {len(index)} cells (max difference from nnexp "
                    f"{error:.1e}): {per_cell * 1e3:.1f} ms per cell, {total:.1f} s for the sweep")
