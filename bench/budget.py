@@ -76,5 +76,7 @@ def run(model, args, folder) -> list[Table]:
         compiled.rows_per_trace = None
     table.notes.append("peak: tensor memory above the weights (CUDA: the allocator's peak; CPU: every storage "
                        "the operators create, followed until freed), see nnexp/tracing/memory.py")
+    table.notes.append("seconds are taken while the peak is measured, which on the CPU slows every operator: "
+                       "compare them with each other, not with the other sections")
     return [table]
 
