@@ -16,7 +16,6 @@ to --out).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -28,8 +27,6 @@ from nnexp import console
 
 from . import attribution, budget, patching_sweeps, throughput
 from .common import bench_model, machine
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens' per-cell loops draw progress bars
 
 SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget}
 
