@@ -48,8 +48,8 @@ PAIR = PromptPair(
 # nnexp's defaults: cells in the prefix the two prompts share are not run (they are
 # no-ops); every contender runs the same cells (TransformerLens through its `index_df`).
 SWEEPS = {
-    "residual stream (layer x position)": dict(sites=("resid_pre",)),
-    "heads (layer x head x position)": dict(sites=("head_out",), head_positions="each"),
+    "resid": ("residual stream (layer x position)", dict(sites=("resid_pre",))),
+    "heads": ("heads (layer x head x position)", dict(sites=("head_out",), head_positions="each")),
 }
 
 
@@ -221,7 +221,7 @@ def run(model, args, folder):
     """Each sweep's table, as soon as it is measured."""
     device = model.device
     tl = TransformerLensSweep(model, folder) if args.transformer_lens else None
-    for title, options in SWEEPS.items():
+    for title, options in (SWEEPS[name] for name in args.sweeps):
         compiled = PatchingExperiment(**options).compile(model)
         item = compiled.prepare(PAIR, 0)
         [(_, plan)] = compiled.plans([item])

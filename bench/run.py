@@ -1,7 +1,7 @@
 """The benchmark harness: every section, one model, one device, in one run.
 
     python -m bench.run [--model smollm2-135m] [--device cpu] [--dtype float32]
-                        [--sections patching,attribution,throughput,budget] [--reps 5]
+                        [--sections patching,attribution,throughput,budget] [--sweeps resid,heads] [--reps 5]
                         [--transformer-lens] [--inseq] [--out bench/results/NAME.md]
 
 Sections: IOI patching sweeps against the floor, nnsight's per-invoke pattern, a loop
@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--sections", default="patching,attribution,throughput,budget")
+    parser.add_argument("--sweeps", default="resid,heads", help="the patching section's sweeps")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="skip the slowest contenders and warm-ups (a smoke run)")
     parser.add_argument("--transformer-lens", action="store_true", help="add TransformerLens' per-cell patching")
@@ -50,6 +51,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.sweeps = args.sweeps.split(",")
+    unknown = set(args.sweeps) - set(patching_sweeps.SWEEPS)
+    if unknown:
+        parser.error(f"unknown sweeps {sorted(unknown)}; choose from {', '.join(patching_sweeps.SWEEPS)}")
     console.set_quiet(True)
     model = bench_model(args.model, args.device, args.dtype)
     if args.loop_layers <= 0:
