@@ -12,8 +12,8 @@ of each:
   one forward by nnsight, each with its own intervention code;
 - a loop of separate traces: one trace per patched run (plus one clean, one corrupted).
   Every trace costs about the same, so the loop is timed over a sample of cells
-  (`--loop-cells`) and its time scaled to the whole sweep: the full loop of 1,600
-  traces takes minutes per pass on a CPU;
+  (`--loop-cells`) and its time scaled to the whole sweep: the full loop of 1,890
+  traces of SmolLM2's head sweep takes minutes per pass on a CPU;
 - TransformerLens: `patching.get_act_patch_resid_pre` / `get_act_patch_attn_head_out_by_pos`
   on a `TransformerBridge` over the same weights, one forward per cell. Its loop is
   timed over a sample of cells (TransformerLens' own `index_df`), and its time per
@@ -302,5 +302,5 @@ def _time_transformer_lens(tl, compiled, item, options, reference, args):
     total = per_cell * len(index)
     # its clean cache and one patched forward at a time: a few cells show its peak
     peak = peak_bytes(lambda: tl.run(item.pair, site, chosen[:4]))
-    return total, peak, (f"TransformerLens timed on {len(chosen)} of {len(index)} cells (max difference from nnexp "
-                   f"{error:.1e}): {per_cell * 1e3:.1f} ms per cell, {total:.1f} s for the sweep")
+    return total, peak, (f"TransformerLens timed on {len(chosen)} of {len(index)} cells (max difference from "
+                         f"nnexp {error:.1e}): {per_cell * 1e3:.1f} ms per cell, {total:.1f} s for the sweep")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def run(model, args, folder: Path) -> list[Table]:
     table = Table(f"Dataset throughput: gradient attribution (every layer) over {n} CounterFact-style facts",
                   ["run", "examples per trace", "seconds", "examples / s", "/ floor at the same batch",
                    "peak memory (MiB)"])
-    runs = iter(range(10**6))
+    runs = count()
 
     def nnexp_run(batch: int, limit: int | None = None):
         out = folder / f"run-{batch}-{next(runs)}"  # a fresh directory: nothing to resume
