@@ -15,6 +15,7 @@ from pathlib import Path
 from .console import note, progress
 from .errors import ConfigError
 from .experiment import Experiment
+from .interrupts import InterruptGuard
 from .models import Model, load_model
 from .models.aliases import DEFAULT_MODEL
 from .results import Results
@@ -51,12 +52,14 @@ class Chunks:
     """Runs chunks of examples and stores each the moment it finishes; for a remote
     executor also submits chunks without waiting and collects submitted ones."""
 
-    def __init__(self, compiled, directory: RunDirectory, executor, max_rows, bar) -> None:
+    def __init__(self, compiled, directory: RunDirectory, executor, max_rows, bar,
+                 interrupts: InterruptGuard) -> None:
         self.compiled = compiled
         self.directory = directory
         self.executor = executor
         self.max_rows = max_rows
         self.bar = bar
+        self.interrupts = interrupts
         self.handled: set[int] = set()  # examples stored, or waiting on a submitted job
         self.received = 0  # examples whose results came back from a server in this call
         self.submitted = 0
@@ -69,6 +72,7 @@ class Chunks:
         self.bar.update(len(chunk))
         if self.executor.kind == "remote":
             self.received += len(chunk)
+        self.interrupts.check()  # a Ctrl-C that a finalizer swallowed stops the run here
 
     def run(self, chunk: list, submit_only: bool = False) -> None:
         if not submit_only:
@@ -83,6 +87,7 @@ class Chunks:
             self.directory.add_job(submitted.job_id, [item.index for item in chunk])
             self.handled.update(item.index for item in chunk)
             self.submitted += len(chunk)
+            self.interrupts.check()
         else:
             raise RuntimeError("a remote chunk ran instead of being submitted")  # nnexp bug, not user input
         finally:
@@ -235,19 +240,21 @@ def run(
         note(f"writing results to {directory.path}")
 
     bar = progress(total=len(items), initial=len(items) - len(pending), desc=experiment.name or "run")
-    chunks = Chunks(compiled, directory, executor, max_rows, bar)
+    interrupts = InterruptGuard()
+    chunks = Chunks(compiled, directory, executor, max_rows, bar, interrupts)
     if executor.kind == "remote":
         executor.bytes_received = 0  # count what the examples' own requests bring back
     try:
-        chunks.collect(pending, wait=wait)
-        rest = [item for item in pending if item.index not in chunks.handled]
-        if collect_only:
-            if rest:
-                note(f"{len(rest)} examples were never submitted (or their job failed); run `nnexp resume "
-                     f"{directory.path}` to compute them")
-        else:
-            for start in range(0, len(rest), examples_per_trace):
-                chunks.run(rest[start : start + examples_per_trace], submit_only=not wait)
+        with interrupts:
+            chunks.collect(pending, wait=wait)
+            rest = [item for item in pending if item.index not in chunks.handled]
+            if collect_only:
+                if rest:
+                    note(f"{len(rest)} examples were never submitted (or their job failed); run `nnexp resume "
+                         f"{directory.path}` to compute them")
+            else:
+                for start in range(0, len(rest), examples_per_trace):
+                    chunks.run(rest[start : start + examples_per_trace], submit_only=not wait)
     except BaseException as error:
         # Whatever stopped the run (Ctrl-C, out of memory, a bad example), every
         # finished example is already on disk; say so and how to continue.

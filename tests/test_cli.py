@@ -228,6 +228,38 @@ def test_error_mid_run_keeps_finished_examples(tmp_path, gpt2_tiny, monkeypatch)
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
 
 
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, gpt2_tiny, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored in ...");
+    nnsight and torch free a trace's state through finalizers, so a Ctrl-C can land in one.
+    The run must stop at the next chunk boundary all the same, keeping what it finished."""
+    from experiments.ioi_patching import IOIPatching
+
+    handler = signal.getsignal(signal.SIGINT)
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
+
+    class PressesCtrlCWhenFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # Python runs the signal handler here, inside the finalizer
+                pass
+
+    def free_a_finalizer_once(module, args, output):
+        handle.remove()
+        PressesCtrlCWhenFreed()
+
+    handle = gpt2_tiny.hf.lm_head.register_forward_hook(free_a_finalizer_once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            nnexp.run(IOIPatching(sites=("resid_post",), n_examples=6), gpt2_tiny, out=tmp_path / "run",
+                      figures=False, examples_per_trace=2)
+    finally:
+        handle.remove()
+    assert swallowed == [KeyboardInterrupt]  # the interrupt really was lost where it was raised
+    assert RunDirectory(tmp_path / "run").done() == {0, 1}  # the chunk that was running is kept
+    assert signal.getsignal(signal.SIGINT) is handler  # and Ctrl-C is handled as before the run
+
+
 def test_plot_redraws_figures(tmp_path, tiny_gpt2_folder):
     out = tmp_path / "run"
     assert cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--limit", 2, "--out", out, "--no-figures").returncode == 0
