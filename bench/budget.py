@@ -15,6 +15,7 @@ from nnexp import PatchingExperiment
 from nnexp.counterfact import builtin_facts
 from nnexp.errors import ConfigError
 from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.tracing.jobs import recorded_traces
 from nnexp.tracing.memory import peak_memory
 
 from .common import Table, mib, sync
@@ -33,23 +34,12 @@ def _run(compiled, items, budget, device):
     compiled.rows_per_trace = None
     if budget is not None:
         compiled.set_memory_budget(items, budget)
-    traces = []
-    original = compiled.model.executor.run
-
-    def counting(jobs):
-        traces.extend(job.inputs["input_ids"].shape[0] for job in jobs)
-        return original(jobs)
-
-    compiled.model.executor.run = counting
-    try:
-        with peak_memory() as peaks:
-            sync(device)
-            start = time.perf_counter()
-            records = compiled.run(items)
-            sync(device)
-            seconds = time.perf_counter() - start
-    finally:
-        del compiled.model.executor.run
+    with recorded_traces(compiled.model) as traces, peak_memory() as peaks:
+        sync(device)
+        start = time.perf_counter()
+        records = compiled.run(items)
+        sync(device)
+        seconds = time.perf_counter() - start
     return records, seconds, max(peaks.values(), default=0), traces
 
 

@@ -44,14 +44,10 @@ def gpt2_tokenizer_dir() -> Path:
 
 def count_traces(model, monkeypatch) -> list[int]:
     """Record the rows of every trace `model` runs from now on (one entry per trace)."""
+    from nnexp.tracing.jobs import recording_rows
+
     calls: list[int] = []
-    original = model.executor.run
-
-    def counting(jobs):
-        calls.extend(job.inputs["input_ids"].shape[0] for job in jobs)
-        return original(jobs)
-
-    monkeypatch.setattr(model.executor, "run", counting)
+    monkeypatch.setattr(model.executor, "run", recording_rows(model.executor.run, calls))
     return calls
 
 

@@ -90,6 +90,21 @@ def test_budget_splits_traces_keeps_the_peak_under_it_and_the_numbers(name, tmp_
     assert_same_numbers(whole.records, split.records)
 
 
+def test_recorded_traces_counts_each_trace_and_restores_the_executor(tmp_path):
+    from nnexp.tracing.jobs import recorded_traces
+
+    model = tiny_model("gpt2")
+    experiment = family_experiments(tmp_path, model.tokenizer)["ioi-patching"]
+    with recorded_traces(model) as outer:
+        nnexp.run(experiment, model, out=tmp_path / "apart", limit=2, examples_per_trace=1, figures=False)
+        with recorded_traces(model) as inner:
+            nnexp.run(experiment, model, out=tmp_path / "together", limit=2, examples_per_trace=2, figures=False)
+        assert "run" in vars(model.executor)  # the outer recording is back in place
+    # one trace per example, then both examples' rows in one trace
+    assert len(outer) == 3 and inner == outer[2:] and outer[2] == outer[0] + outer[1] > outer[0] > 0
+    assert "run" not in vars(model.executor)
+
+
 def assert_same_numbers(whole, split):
     """Equal to float rounding (a row's matrix products may round differently in a
     batch of another size). Patching's normalised effects divide by clean - corrupted,

@@ -21,7 +21,8 @@ return their results on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,35 @@ class LocalExecutor:
 
     def describe(self) -> dict:
         return {"kind": self.kind}
+
+
+def recording_rows(run: Callable[[list[TraceJob]], list], rows: list[int]) -> Callable[[list[TraceJob]], list]:
+    """An executor's `run` that first appends the rows of each job's trace to `rows`:
+    one entry per trace. How tests and benchmarks count the traces that a chunk size
+    or a memory budget produces."""
+
+    def recording(jobs: list[TraceJob]) -> list:
+        rows.extend(job.inputs["input_ids"].shape[0] for job in jobs)
+        return run(jobs)
+
+    return recording
+
+
+@contextmanager
+def recorded_traces(model) -> Iterator[list[int]]:
+    """Within the block, the rows of every trace `model` (an `nnexp.models.Model`) runs,
+    one entry per trace, in the list this yields."""
+    rows: list[int] = []
+    executor = model.executor
+    shadowed = vars(executor).get("run")  # a recording already in place stays in place
+    executor.run = recording_rows(executor.run, rows)
+    try:
+        yield rows
+    finally:
+        if shadowed is None:
+            del executor.run
+        else:
+            executor.run = shadowed
 
 
 def hf_module(nn):
