@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -86,6 +87,27 @@ def test_stale_alias_cache_is_converted_again(tmp_path, monkeypatch):
     (folder / "nnexp-alias.json").write_text(json.dumps(aliases._provenance(aliases.ALIASES["smollm2-135m"], "0.1.2")))
     aliases.alias_folder("smollm2-135m")
     assert converted == [folder]
+
+
+def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):
+    """Two processes (here threads) loading an alias for the first time: one converts,
+    the other waits and reuses its folder instead of replacing it while it is read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("NNEXP_CACHE", str(tmp_path))
+    monkeypatch.setattr(aliases, "_installed_version", lambda package: "0.1.2")
+    converted = []
+
+    def slow_convert(alias, folder, provenance):
+        converted.append(folder)
+        time.sleep(0.5)  # long enough for the other loader to look for the folder meanwhile
+        folder.mkdir(parents=True)
+        (folder / "nnexp-alias.json").write_text(json.dumps(provenance))
+
+    monkeypatch.setattr(aliases, "_convert", slow_convert)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(aliases.alias_folder, ["smollm2-135m"] * 2))
+    assert converted == [tmp_path / "models" / "smollm2-135m"] and folders == converted * 2
 
 
 @pytest.mark.slow

@@ -22,9 +22,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+
+from filelock import FileLock
 
 from ..console import note
 from ..errors import ModelError
@@ -128,16 +130,28 @@ def alias_folder(name: str) -> Path:
     folder = cache_root() / "models" / name
     marker = folder / "nnexp-alias.json"
     wanted = _provenance(alias, installed)
-    if marker.exists():
-        try:
-            stored = json.loads(marker.read_text())
-            if all(stored.get(key) == value for key, value in wanted.items()):
-                return folder
-        except (OSError, json.JSONDecodeError):
-            pass
-        note(f"cached {name} in {folder} is stale or damaged; converting again")
-    _convert(alias, folder, wanted)
+    if _is_current(marker, wanted):
+        return folder
+    # One conversion at a time per alias: a second process (another notebook, a parallel
+    # test worker) waits, then finds the folder done, instead of replacing it under the
+    # first one's feet.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.parent / f".{name}.lock"):
+        if _is_current(marker, wanted):
+            return folder
+        if marker.exists():
+            note(f"cached {name} in {folder} is stale or damaged; converting again")
+        _convert(alias, folder, wanted)
     return folder
+
+
+def _is_current(marker: Path, wanted: dict) -> bool:
+    """Whether a converted folder's marker records the provenance wanted now."""
+    try:
+        stored = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(stored, dict) and all(stored.get(key) == value for key, value in wanted.items())
 
 
 def _convert(alias: Alias, folder: Path, provenance: dict) -> None:
