@@ -159,8 +159,26 @@ def test_bad_data_files(tmp_path, tiny_gpt2_folder):
     _one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", tmp_path / "missing.jsonl"), "does not exist")
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Give the child SIGINT's default disposition, as a shell gives a command it starts
+    in a terminal. A test runner started in the background without job control (`cmd &`
+    in a script, nohup) inherits SIGINT ignored, and so would the child: Python then
+    never turns Ctrl-C into KeyboardInterrupt, rightly, since the user asked for that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Within the test, SIGINT raises KeyboardInterrupt in this process, whatever
+    disposition the test runner inherited (see `_ctrl_c_as_in_a_terminal`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _start_and_interrupt(args, out: Path, sig) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(NNEXP + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(NNEXP + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list((out / "examples").glob("0*.safetensors"))) >= 2:
@@ -228,7 +246,7 @@ def test_error_mid_run_keeps_finished_examples(tmp_path, gpt2_tiny, monkeypatch)
     assert [r.index for r in results] == [0, 1, 2, 3, 4]
 
 
-def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, gpt2_tiny, monkeypatch):
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, gpt2_tiny, monkeypatch, ctrl_c_raises):
     """Python drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored in ...");
     nnsight and torch free a trace's state through finalizers, so a Ctrl-C can land in one.
     The run must stop at the next chunk boundary all the same, keeping what it finished."""
