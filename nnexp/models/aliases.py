@@ -132,9 +132,9 @@ def alias_folder(name: str) -> Path:
     wanted = _provenance(alias, installed)
     if _is_current(marker, wanted):
         return folder
-    # One conversion at a time per alias: a second process (another notebook, a parallel
-    # test worker) waits, then finds the folder done, instead of replacing it under the
-    # first one's feet.
+    # One conversion at a time per alias: a second process (another notebook, a test run
+    # beside a command) waits, then finds the folder done, instead of replacing it under
+    # the first one's feet.
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{name}.lock"):
         if _is_current(marker, wanted):
