@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnexp.patching import PatchingExperiment
+from nnexp.kinds.patching import PatchingExperiment
 
 from .ioi import builtin_pairs, check_builtin
 

@@ -16,7 +16,7 @@ from .experiment import Experiment, find_experiment
 from .labelled import LabelledTensor
 from .metrics import METRICS, register_metric
 from .models import ALIASES, ArchSpec, Model, load_model, register_architecture, wrap_model
-from .patching import PatchingExperiment
+from .kinds.patching import PatchingExperiment
 from .results import ExampleRecord, Results
 from .runner import run
 from .sites import SITES

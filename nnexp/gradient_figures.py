@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .figures import heatmap, line_plot, shorten, token_label, write_figures
+from .plotting import heatmap, line_plot, shorten, token_label, write_figures
 from .gradient_attribution import subject_and_last_profile
 
 MEASURES = {

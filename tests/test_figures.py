@@ -11,7 +11,8 @@ import pytest
 import nnexp
 from experiments.ioi import classic_ioi
 from experiments.ioi_patching import IOIPatching
-from nnexp.figures import _site_figure, group_position_labels, heatmap, png_available
+from nnexp.kinds.patching.figures import _site_figure
+from nnexp.plotting import group_position_labels, heatmap, png_available
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

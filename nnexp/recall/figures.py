@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..figures import heatmap, line_plot, shorten, token_label, write_figures
+from ..plotting import heatmap, line_plot, shorten, token_label, write_figures
 from .summaries import average_indirect_effect, extraction_profile, knockout_profile
 
 SITE_NAMES = {"resid_post": "residual stream (block output)", "mlp_out": "MLP output", "attn_out": "attention output"}

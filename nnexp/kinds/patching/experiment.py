@@ -35,17 +35,17 @@ from pathlib import Path
 
 import torch
 
-from .console import note
-from .data import PromptPair, TokenizedPair, load_prompt_pairs, tokenize_pair
-from .errors import ConfigError
-from .experiment import Experiment
-from .labelled import LabelledTensor
-from .metrics import get_metric
-from .results import ExampleRecord
-from .sites import HEAD_SITES, check_heads, check_layers, check_site, resolve_site
-from .tracing.execute import run_plans
-from .tracing.memory import rows_for_budget, tightest
-from .tracing.plan import CopyRows, TracePlan, group_edits, left_pad
+from ...console import note
+from ...data import PromptPair, TokenizedPair, load_prompt_pairs, tokenize_pair
+from ...errors import ConfigError
+from ...experiment import Experiment
+from ...labelled import LabelledTensor
+from ...metrics import get_metric
+from ...results import ExampleRecord
+from ...sites import HEAD_SITES, check_heads, check_layers, check_site, resolve_site
+from ...tracing.execute import run_plans
+from ...tracing.memory import rows_for_budget, tightest
+from ...tracing.plan import CopyRows, TracePlan, group_edits, left_pad
 
 
 def _check_positions(value, field_name: str):
