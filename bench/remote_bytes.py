@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nnexp  # noqa: E402
-from experiments import EXPERIMENTS  # noqa: E402
+from nnexp.registry import EXPERIMENTS  # noqa: E402
 from nnexp.models.aliases import ALIASES, alias_folder  # noqa: E402
 from tests.ndif_fixture import start_ndif_server  # noqa: E402
 

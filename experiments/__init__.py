@@ -1,13 +1,21 @@
-"""The ready-made experiments, by the name `nnexp run` knows them.
+"""The catalogue of ready-made experiments, installed as the package `nnexp_experiments`.
 
-Add a new one by defining its class in a module here and listing it below.
+It is a plugin of nnexp like any other (the entry point `nnexp.plugins: experiments`
+in pyproject.toml): nnexp imports it only to resolve an experiment's name, and the
+library works without it. It is installed under a name of its own, not `experiments`,
+so that a research project's own `experiments/` folder on `sys.path` cannot hide it.
+
+Add a new one by defining its class in a module here and registering it below.
 """
+
+from nnexp.experiment import register_experiment
 
 from .counterfact_attribution import CounterFactAttribution
 from .factual_recall import AttentionKnockout, AttributeExtraction, CausalTracing, SublayerKnockout
 from .ioi_patching import IOIPatching
 from .logit_attribution import DLAHeads, DLALayers, LogitAttribution, LogitLens
 
-EXPERIMENTS = {cls.name: cls for cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution,
-                                           CounterFactAttribution, AttentionKnockout, AttributeExtraction,
-                                           SublayerKnockout, CausalTracing)}
+for _cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution, CounterFactAttribution,
+             AttentionKnockout, AttributeExtraction, SublayerKnockout, CausalTracing):
+    register_experiment(_cls)
+

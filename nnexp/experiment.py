@@ -13,9 +13,7 @@ experiment from it, which is how a stored run is resumed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any, ClassVar
 
 from .data import file_fingerprint
 from .errors import ConfigError
+from .registry import EXPERIMENTS, import_file
 
 
 @dataclass
@@ -121,29 +120,16 @@ def _source_file(cls) -> str | None:
 
 
 def builtin_experiments() -> dict[str, type[Experiment]]:
-    """The ready-made experiments shipped in the `experiments` package, by name."""
-    from experiments import EXPERIMENTS
+    """The named experiments: the catalogue of ready-made ones (`nnexp_experiments`, a
+    plugin) and any a plugin or `--include` registered, by name."""
+    return dict(EXPERIMENTS.items())
 
-    return dict(EXPERIMENTS)
 
-
-def _load_file(path: Path):
-    """Import a user's experiment file as a module named after it (`capitals.py` ->
-    `capitals`), or under a private name when that name is taken by something else."""
-    path = path.resolve()
-    name = path.stem
-    existing = sys.modules.get(name)
-    if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
-        return existing
-    if existing is not None or not name.isidentifier():
-        name = "nnexp_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        if name in sys.modules:
-            return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+def register_experiment(cls: type[Experiment]) -> type[Experiment]:
+    """Make `cls` known to `nnexp run` by its `name` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Experiment)) or not cls.name:
+        raise ConfigError(f"{cls!r} is not an nnexp Experiment class with a name; give it name = \"my-experiment\"")
+    return EXPERIMENTS.register(cls.name, cls, description=cls.description)
 
 
 def _experiment_classes(module) -> list[type[Experiment]]:
@@ -167,7 +153,7 @@ def find_experiment(reference: str) -> type[Experiment]:
         path = Path(target)
         if not path.is_file():
             raise ConfigError(f"experiment file {path} does not exist")
-        module = _load_file(path)
+        module = import_file(path)
     elif attr:
         try:
             module = importlib.import_module(target)

@@ -4,7 +4,8 @@ A metric takes the logits at the last position, [rows, vocab], and the answer an
 foil token ids, [rows], and returns [rows]. Only that vector leaves the trace, so a
 sweep of thousands of patched runs ships a few kilobytes, not the logits.
 
-Add one with `@register_metric("name", "what it measures")`.
+Add one with `@register_metric("name", "what it measures")` (it goes into the
+`METRICS` registry, `nnexp.registry.Registry`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import ConfigError
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -24,21 +25,21 @@ class Metric:
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
-def register_metric(name: str, description: str):
+def register_metric(name: str, description: str, replace: bool = False):
+    """Decorator: register `fn(logits, answer, foil) -> [rows]` as metric `name`."""
+
     def decorator(fn):
-        METRICS[name] = Metric(name, description, fn)
+        METRICS.register(name, Metric(name, description, fn), description=description, replace=replace)
         return fn
 
     return decorator
 
 
 def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise ConfigError(f"unknown metric {name!r}; available metrics: {', '.join(METRICS)}")
-    return METRICS[name]
+    return METRICS.get(name)
 
 
 def _pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -164,19 +164,23 @@ def include(path: str | Path):
     Returns the module."""
     text = str(path)
     candidate = Path(text).expanduser()
-    if candidate.suffix == ".py" or candidate.exists():
-        if candidate.is_dir():
-            if not (candidate / "__init__.py").is_file():
-                raise ConfigError(f"--include {text}: the folder has no __init__.py; give a .py file or a package")
-            return import_file(candidate / "__init__.py", package=True)
-        if not candidate.is_file():
-            raise ConfigError(f"--include {text}: no such file")
-        return import_file(candidate)
     try:
+        if candidate.suffix == ".py" or candidate.exists():
+            if candidate.is_dir():
+                if not (candidate / "__init__.py").is_file():
+                    raise ConfigError(f"--include {text}: the folder has no __init__.py; give a .py file or a package")
+                return import_file(candidate / "__init__.py", package=True)
+            if not candidate.is_file():
+                raise ConfigError(f"--include {text}: no such file")
+            return import_file(candidate)
         return importlib.import_module(text)
+    except ConfigError:
+        raise
     except ImportError as error:
         raise ConfigError(f"--include {text}: cannot import it ({error}); give a .py file, a package folder or "
                           "an importable module name") from None
+    except Exception as error:  # noqa: BLE001 - the user's module failed: say where, in one line
+        raise ConfigError(f"--include {text} failed to import: {type(error).__name__}: {error}") from None
 
 
 def import_file(path: Path, package: bool = False):

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import time
 from pathlib import Path
 
 from .console import note, progress
-from .errors import ConfigError
+from .contract import CompiledExperiment
+from .errors import ConfigError, ResultsError
 from .experiment import Experiment
 from .interrupts import InterruptGuard
 from .models import Model, load_model
 from .models.aliases import DEFAULT_MODEL
+from .remote import RemoteRunError
 from .results import Results
-from .store import FORMAT, RunDirectory, load_results, run_id
+from .store import FORMAT, RunDirectory, SubmittedJob, load_results, run_id
+from .tracing.jobs import Executor, SubmittingExecutor
+from .tracing.memory import tightest
 
 DEFAULT_RESULTS_ROOT = Path("results")
+POLL_INTERVAL_S = 2.0  # between asks for a submitted job's results, when waiting for them
 
 
 def _versions() -> dict:
@@ -49,78 +55,94 @@ def build_spec(experiment: Experiment, model: Model, n_examples: int, options: d
 
 
 class Chunks:
-    """Runs chunks of examples and stores each the moment it finishes; for a remote
-    executor also submits chunks without waiting and collects submitted ones."""
+    """Plans, runs (or submits) and stores chunks of examples, each the moment it
+    finishes; collects chunks submitted earlier. The only place executors are called."""
 
-    def __init__(self, compiled, directory: RunDirectory, executor, max_rows, bar,
-                 interrupts: InterruptGuard) -> None:
+    def __init__(self, compiled: CompiledExperiment, directory: RunDirectory, executor: Executor, bound: int | None,
+                 bar, interrupts: InterruptGuard) -> None:
         self.compiled = compiled
         self.directory = directory
         self.executor = executor
-        self.max_rows = max_rows
+        self.bound = bound  # the user's row bound: max_rows and the memory budget's, whichever is tighter
         self.bar = bar
         self.interrupts = interrupts
         self.handled: set[int] = set()  # examples stored, or waiting on a submitted job
         self.received = 0  # examples whose results came back from a server in this call
         self.submitted = 0
         self.still_running = 0
+        self.remote = isinstance(executor, SubmittingExecutor)
 
-    def _store(self, chunk: list) -> None:
-        for record in self.compiled.run(chunk, max_rows=self.max_rows):
+    def _plan(self, chunk: list):
+        return self.compiled.plan(chunk, self.compiled.row_limit(chunk, self.bound))
+
+    def _store(self, chunk: list, plan, values: list) -> None:
+        plan.check_values(values)
+        records = self.compiled.decode(chunk, plan, values)
+        if sorted(record.index for record in records) != sorted(item.index for item in chunk):
+            raise RuntimeError("decode returned records for other examples than its chunk's")  # nnexp bug
+        for record in records:
             self.directory.write_example(record)
         self.handled.update(item.index for item in chunk)
         self.bar.update(len(chunk))
-        if self.executor.kind == "remote":
+        if self.remote:
             self.received += len(chunk)
         self.interrupts.check()  # a Ctrl-C that a finalizer swallowed stops the run here
 
-    def run(self, chunk: list, submit_only: bool = False) -> None:
-        if not submit_only:
-            self._store(chunk)
-            return
-        from .remote import JobSubmitted
+    def run(self, chunk: list) -> None:
+        plan = self._plan(chunk)
+        self._store(chunk, plan, self.executor.run(plan.jobs) if plan.jobs else [])
 
-        self.executor.submit_only = True
-        try:
-            self.compiled.run(chunk, max_rows=self.max_rows)
-        except JobSubmitted as submitted:
-            self.directory.add_job(submitted.job_id, [item.index for item in chunk])
-            self.handled.update(item.index for item in chunk)
-            self.submitted += len(chunk)
-            self.interrupts.check()
-        else:
-            raise RuntimeError("a remote chunk ran instead of being submitted")  # nnexp bug, not user input
-        finally:
-            self.executor.submit_only = False
+    def submit(self, chunk: list) -> None:
+        plan = self._plan(chunk)
+        job_id = self.executor.submit(plan.jobs)
+        self.directory.add_job(job_id, SubmittedJob(plan.examples, plan.row_limit, plan.fingerprint))
+        self.handled.update(item.index for item in chunk)
+        self.submitted += len(chunk)
+        self.interrupts.check()
 
-    def collect(self, pending: list, wait: bool) -> None:
-        """Fetch the chunks submitted earlier (waiting for each when `wait`)."""
-        jobs = self.directory.read_jobs() if self.executor.kind == "remote" else {}
-        if not jobs:
-            return
-        from .remote import JobPending, RemoteRunError
-
-        by_index = {item.index: item for item in pending}
-        for job_id, indices in jobs.items():
-            chunk = [by_index[i] for i in indices if i in by_index]
-            if not chunk:
+    def collect(self, jobs: dict[str, SubmittedJob], items: dict[int, object], done: set[int], wait: bool) -> None:
+        """Fetch the chunks submitted earlier (waiting for each when `wait`), and decode
+        each exactly as it was planned: its own examples, under its own row limit."""
+        for job_id, job in jobs.items():
+            if all(index in done for index in job.examples):
                 self.directory.forget_job(job_id)
                 continue
-            self.executor.poll_job, self.executor.wait_for_pending = job_id, wait
-            try:
-                self._store(chunk)
-            except JobPending as pending_job:
-                self.handled.update(item.index for item in chunk)
-                self.still_running += len(chunk)
-                note(f"job {job_id} ({len(chunk)} examples) is still {pending_job.status.lower()}")
+            missing = [index for index in job.examples if index not in items]
+            if missing:
+                self.directory.forget_job(job_id)
+                note(f"job {job_id} holds examples this run no longer computes ({missing[:5]}); it is forgotten, "
+                     "and `nnexp resume` computes what is missing")
                 continue
+            chunk = [items[index] for index in job.examples]
+            plan = self.compiled.plan(chunk, job.row_limit)
+            if plan.fingerprint != job.layout:
+                raise ResultsError(
+                    f"job {job_id} in {self.directory.jobs_path} was planned differently from how its examples plan "
+                    "now (the data, the experiment's code or nnexp changed), so its results cannot be decoded "
+                    "safely; collect it with the nnexp and data that submitted it, or delete its entry and run "
+                    f"`nnexp resume {self.directory.path}` to compute its examples again")
+            try:
+                values = self._poll(job_id, wait)
             except RemoteRunError as error:
                 self.directory.forget_job(job_id)
                 raise RemoteRunError(f"{error}. Its examples will be resubmitted by `nnexp resume "
                                      f"{self.directory.path}`") from None
-            finally:
-                self.executor.poll_job, self.executor.wait_for_pending = None, True
+            if values is None:
+                self.handled.update(job.examples)
+                self.still_running += len(chunk)
+                continue
+            self._store(chunk, plan, values)
             self.directory.forget_job(job_id)
+
+    def _poll(self, job_id: str, wait: bool) -> list | None:
+        while True:
+            values, status = self.executor.poll(job_id)
+            if values is not None:
+                return values
+            if not wait:
+                note(f"job {job_id} is still {status.lower()}")
+                return None
+            time.sleep(POLL_INTERVAL_S)
 
 
 def default_run_dir(spec: dict, root: Path = DEFAULT_RESULTS_ROOT) -> Path:
@@ -197,35 +219,26 @@ def run(
         if backend != model.executor.kind or remote:
             model.use_backend(backend, **(remote if backend == "remote" else {}))
     executor = model.executor
-    if (not wait or collect_only) and executor.kind != "remote":
+    submitting = isinstance(executor, SubmittingExecutor)
+    if (not wait or collect_only) and not submitting:
         raise ConfigError("submitting without waiting, and fetching, apply to remote runs (--backend remote)")
     if memory_budget is not None and model.is_remote:
         raise ConfigError("--memory-budget sizes traces for memory on this machine; a remote model's memory is the "
                           "server's, so bound its traces with --max-rows instead")
+    budget = None
+    if memory_budget is not None:
+        from .tracing.memory import parse_bytes
+
+        budget = parse_bytes(memory_budget)
     examples = experiment.examples()
     total = len(examples)
 
     compiled = experiment.compile(model)  # validates sites/layers/heads against the model
-    if hasattr(compiled, "fit"):
-        # Dataset statistics (mean activations, a noise level) come from every example,
-        # whatever `limit` is, so a limited run and its continuation agree.
-        items = [compiled.prepare(example, index) for index, example in enumerate(examples)]
-        compiled.fit(items)
-        items = items[:limit] if limit is not None else items
-    else:
-        items = [compiled.prepare(example, index) for index, example in enumerate(examples[:limit])]
-    if hasattr(compiled, "select"):
-        # e.g. keep only the facts the model predicts (gradient attribution's only_correct)
-        items = compiled.select(items, examples_per_trace)
-    if memory_budget is not None:
-        if not hasattr(compiled, "set_memory_budget"):
-            raise ConfigError(
-                f"experiment {experiment.name!r} does not size its traces by a memory budget yet; "
-                "bound its memory with max_rows (--max-rows) instead"
-            )
-        from .tracing.memory import parse_bytes
-
-        compiled.set_memory_budget(items, parse_bytes(memory_budget))
+    # Every example is prepared (tokenised and validated) before anything is computed, and
+    # dataset statistics (mean activations, a noise level) come from every example,
+    # whatever `limit` is, so a limited run and its continuation agree.
+    prepared = [compiled.prepare(example, index) for index, example in enumerate(examples)]
+    compiled.fit(prepared)
 
     options = {"examples_per_trace": examples_per_trace, "max_rows": max_rows, "memory_budget": memory_budget,
                "backend": executor.describe()}
@@ -233,28 +246,42 @@ def run(
     directory = RunDirectory(out if out is not None else default_run_dir(spec))
     directory.open(spec)
     done = directory.done()
-    pending = [item for item in items if item.index not in done]
+    jobs = directory.read_jobs() if submitting else {}
+    in_jobs = {index for job in jobs.values() for index in job.examples}
+    wanted = total if limit is None else min(limit, total)
+    # What to compute now: the examples within the limit not yet stored, and every example
+    # of a submitted chunk (decoding it needs all of them, even beyond a smaller --limit).
+    candidates = [item for item in prepared if (item.index < wanted and item.index not in done) or item.index in in_jobs]
+    # e.g. keep only the facts the model predicts (gradient attribution's only_correct)
+    selected = compiled.select(candidates, examples_per_trace) if candidates else []
+    items = {item.index: item for item in selected}
+    stored = sum(1 for index in done if index < wanted)
     if done:
-        note(f"resuming {directory.path}: {len(items) - len(pending)} of {len(items)} examples already stored")
+        note(f"resuming {directory.path}: {stored} of {wanted} examples already stored")
     else:
         note(f"writing results to {directory.path}")
+    rest = [item for item in selected if item.index < wanted and item.index not in done and item.index not in in_jobs]
+    bound = max_rows
+    if budget is not None and rest:
+        bound = tightest(max_rows, compiled.rows_for_budget(rest, budget))
 
-    bar = progress(total=len(items), initial=len(items) - len(pending), desc=experiment.name or "run")
+    bar = progress(total=stored + len(rest) + len(in_jobs - done), initial=stored, desc=experiment.name or "run")
     interrupts = InterruptGuard()
-    chunks = Chunks(compiled, directory, executor, max_rows, bar, interrupts)
-    if executor.kind == "remote":
+    chunks = Chunks(compiled, directory, executor, bound, bar, interrupts)
+    if submitting:
         executor.bytes_received = 0  # count what the examples' own requests bring back
     try:
         with interrupts:
-            chunks.collect(pending, wait=wait)
-            rest = [item for item in pending if item.index not in chunks.handled]
+            if jobs:
+                chunks.collect(jobs, items, done, wait=wait)
             if collect_only:
                 if rest:
                     note(f"{len(rest)} examples were never submitted (or their job failed); run `nnexp resume "
                          f"{directory.path}` to compute them")
             else:
                 for start in range(0, len(rest), examples_per_trace):
-                    chunks.run(rest[start : start + examples_per_trace], submit_only=not wait)
+                    chunk = rest[start : start + examples_per_trace]
+                    chunks.run(chunk) if wait else chunks.submit(chunk)
     except BaseException as error:
         # Whatever stopped the run (Ctrl-C, out of memory, a bad example), every
         # finished example is already on disk; say so and how to continue.
@@ -264,7 +291,7 @@ def run(
         note(f"{what}: {stored} examples are stored in {directory.path}; run the same command again to resume")
         raise
     bar.close()
-    if executor.kind == "remote":
+    if submitting:
         stats = directory.add_remote_traffic(executor.describe(), executor.bytes_received, chunks.received)
         if chunks.received:
             note(f"received {executor.bytes_received:,} bytes from {executor.host} for {chunks.received} examples "
@@ -276,7 +303,8 @@ def run(
     if waiting:
         note(f"{waiting} examples are running on {executor.host}; collect them with: nnexp fetch {directory.path}")
         return results
-    if len(results.records) < len(items) and not collect_only:
+    stored_now = {record.index for record in results.records}
+    if any(index not in stored_now for index in items if index < wanted) and not collect_only:
         return results
     if figures:
         written = experiment.figures(results, directory.figures_dir)

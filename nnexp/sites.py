@@ -15,7 +15,8 @@ architecture table, so experiments never mention a module path:
 For Gemma 2/3, `attn_out` and `mlp_out` are the outputs of the post-attention and
 post-feedforward norms: what is actually added to the residual stream.
 
-`resolve_site` turns (site, layer) into a `HookPoint`: a module path, whether its
+Sites live in the `SITES` registry; `register_site` adds one (a function of the layer
+and the architecture giving its hook point). `resolve_site` turns (site, layer) into a `HookPoint`: a module path, whether its
 input or output is meant, the tuple index of the tensor, and an order key that sorts
 hook points in the order the forward pass computes them (nnsight requires values to
 be requested in that order within one invoke).
@@ -23,25 +24,12 @@ be requested in that order within one invoke).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import ConfigError
 from .models.architectures import Architecture
-
-# Within a block, the order in which the forward pass produces each site ("attn_mask":
-# the attention module's input mask, edited by attention knockout).
-_RANK = {"resid_pre": 0, "attn_mask": 1, "head_out": 2, "attn_out": 3, "mlp_out": 4, "resid_post": 5}
-
-SITES: dict[str, str] = {
-    "resid_pre": "residual stream entering the block",
-    "resid_post": "residual stream leaving the block",
-    "attn_out": "attention output added to the residual stream",
-    "mlp_out": "MLP output added to the residual stream",
-    "head_out": "per-head attention output before the output projection (TransformerLens hook_z)",
-}
-
-HEAD_SITES = frozenset({"head_out"})
-
+from .registry import Registry
 
 @dataclass(frozen=True)
 class HookPoint:
@@ -63,29 +51,80 @@ class HookPoint:
     n_heads: int | None = None
 
 
+# Within a block, the order in which the forward pass produces each site ("attn_mask":
+# the attention module's input mask, edited by attention knockout). A site of one's own
+# takes a rank between these (e.g. 3.5: after attention's output, before the MLP's).
+RANKS = {"resid_pre": 0, "attn_mask": 1, "head_out": 2, "attn_out": 3, "mlp_out": 4, "resid_post": 5}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named activation per layer: `resolve(layer, arch)` gives its `HookPoint`.
+
+    `per_head`: the tensor's last dimension splits into the model's heads, so a site
+    can be read or patched one head at a time (`head_out`)."""
+
+    name: str
+    description: str
+    resolve: Callable[[int, Architecture], HookPoint]
+    per_head: bool = False
+
+
+SITES: Registry[Site] = Registry("site")
+
+
+def register_site(name: str, description: str, per_head: bool = False, replace: bool = False):
+    """Decorator: register `fn(layer, arch) -> HookPoint` as site `name`, so every
+    experiment that names sites (`--sites`, `--site`) can use it. The hook point's
+    `order` must be (layer, rank), with the rank placing it among `RANKS`."""
+
+    def decorator(fn):
+        SITES.register(name, Site(name, description, fn, per_head), description=description, replace=replace)
+        return fn
+
+    return decorator
+
+
+@register_site("resid_pre", "residual stream entering the block")
+def _resid_pre(layer: int, arch: Architecture) -> HookPoint:
+    return HookPoint(arch.block(layer), "input", None, (layer, RANKS["resid_pre"]))
+
+
+@register_site("resid_post", "residual stream leaving the block")
+def _resid_post(layer: int, arch: Architecture) -> HookPoint:
+    return HookPoint(arch.block(layer), "output", arch.spec.block_output_index, (layer, RANKS["resid_post"]))
+
+
+@register_site("attn_out", "attention output added to the residual stream")
+def _attn_out(layer: int, arch: Architecture) -> HookPoint:
+    spec = arch.spec
+    return HookPoint(f"{arch.block(layer)}.{spec.attn_out}", "output", spec.attn_out_index, (layer, RANKS["attn_out"]))
+
+
+@register_site("mlp_out", "MLP output added to the residual stream")
+def _mlp_out(layer: int, arch: Architecture) -> HookPoint:
+    spec = arch.spec
+    return HookPoint(f"{arch.block(layer)}.{spec.mlp_out}", "output", spec.mlp_out_index, (layer, RANKS["mlp_out"]))
+
+
+@register_site("head_out", "per-head attention output before the output projection (TransformerLens hook_z)",
+               per_head=True)
+def _head_out(layer: int, arch: Architecture) -> HookPoint:
+    return HookPoint(f"{arch.block(layer)}.{arch.spec.head_proj}", "input", None, (layer, RANKS["head_out"]),
+                     n_heads=arch.n_heads)
+
+
 def check_site(site: str) -> str:
-    if site not in SITES:
-        raise ConfigError(
-            f"unknown site {site!r}; available sites: {', '.join(SITES)}"
-        )
+    SITES.get(site)
     return site
 
 
+def is_per_head(site: str) -> bool:
+    return SITES.get(site).per_head
+
+
 def resolve_site(site: str, layer: int, arch: Architecture) -> HookPoint:
-    check_site(site)
-    spec = arch.spec
-    block = arch.block(layer)
-    order = (layer, _RANK[site])
-    if site == "resid_pre":
-        return HookPoint(block, "input", None, order)
-    if site == "resid_post":
-        return HookPoint(block, "output", spec.block_output_index, order)
-    if site == "attn_out":
-        return HookPoint(f"{block}.{spec.attn_out}", "output", spec.attn_out_index, order)
-    if site == "mlp_out":
-        return HookPoint(f"{block}.{spec.mlp_out}", "output", spec.mlp_out_index, order)
-    # head_out
-    return HookPoint(f"{block}.{spec.head_proj}", "input", None, order, n_heads=arch.n_heads)
+    return SITES.get(site).resolve(layer, arch)
 
 
 def embedding_point(arch: Architecture) -> HookPoint:
@@ -95,7 +134,7 @@ def embedding_point(arch: Architecture) -> HookPoint:
 
 def attention_mask_point(layer: int, arch: Architecture) -> HookPoint:
     """The attention mask that block L's attention module receives."""
-    return HookPoint(f"{arch.block(layer)}.{arch.spec.attn}", "attention_mask", None, (layer, _RANK["attn_mask"]))
+    return HookPoint(f"{arch.block(layer)}.{arch.spec.attn}", "attention_mask", None, (layer, RANKS["attn_mask"]))
 
 
 def _check_indices(values, n: int, what: str, count: str) -> list[int]:

@@ -7,7 +7,8 @@ Layout of `results/<experiment>/<model>/<run>/`:
                                header metadata its axis names, labels, scalars and info
                                (prompts, token ids, token strings, answer, foil)
     examples.jsonl             a readable index: one line per stored example
-    jobs.json                  remote runs: job ids of chunks submitted without waiting
+    jobs.json                  remote runs: chunks submitted without waiting: job id, examples,
+                               row limit and plan fingerprint (what decoding them needs)
     remote.json                remote runs: the host, and bytes received per example
     figures/                   plotly HTML (and PNG when a renderer is available)
 
@@ -23,9 +24,11 @@ and resumes, while a changed parameter starts a new run beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
@@ -68,6 +71,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+@dataclass
+class SubmittedJob:
+    """What decoding a submitted chunk needs, whatever the options of the command that
+    collects it: its examples, the row limit it was planned under, and the fingerprint
+    of that plan (`nnexp.contract.ChunkPlan.fingerprint`)."""
+
+    examples: list[int]
+    row_limit: int | None
+    layout: str
 
 
 class RunDirectory:
@@ -164,26 +178,31 @@ class RunDirectory:
     def jobs_path(self) -> Path:
         return self.path / "jobs.json"
 
-    def read_jobs(self) -> dict[str, list[int]]:
-        """Submitted chunks not yet collected: {job id: example indices}."""
+    def read_jobs(self) -> dict[str, SubmittedJob]:
+        """Submitted chunks not yet collected, by job id."""
         if not self.jobs_path.is_file():
             return {}
         try:
             data = json.loads(self.jobs_path.read_text(encoding="utf-8"))
-            return {str(job): [int(i) for i in entry["examples"]] for job, entry in data["jobs"].items()}
+            jobs = {str(job): SubmittedJob([int(i) for i in entry["examples"]],
+                                           None if entry["row_limit"] is None else int(entry["row_limit"]),
+                                           str(entry["layout"]))
+                    for job, entry in data["jobs"].items()}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise ResultsError(f"{self.jobs_path} is not a valid job list; delete it to resubmit its examples") from None
+            raise ResultsError(f"{self.jobs_path} is not a valid job list (or was written by an older nnexp); delete "
+                               "it and run `nnexp resume` to resubmit its examples") from None
+        return jobs
 
-    def _write_jobs(self, jobs: dict[str, list[int]]) -> None:
+    def _write_jobs(self, jobs: dict[str, SubmittedJob]) -> None:
         if not jobs:
             self.jobs_path.unlink(missing_ok=True)
             return
-        data = {"jobs": {job: {"examples": indices} for job, indices in jobs.items()}}
+        data = {"jobs": {job: dataclasses.asdict(entry) for job, entry in jobs.items()}}
         _atomic_write_text(self.jobs_path, json.dumps(data, indent=1) + "\n")
 
-    def add_job(self, job_id: str, indices: list[int]) -> None:
+    def add_job(self, job_id: str, job: SubmittedJob) -> None:
         jobs = self.read_jobs()
-        jobs[job_id] = list(indices)
+        jobs[job_id] = job
         self._write_jobs(jobs)
 
     def forget_job(self, job_id: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.ioi import ioi_pair
+from nnexp_experiments.ioi import ioi_pair
 from nnexp import ArchSpec, ModelError, PatchingExperiment, register_architecture, wrap_model
 from nnexp.models.architectures import ARCHITECTURES
 from tests import reference

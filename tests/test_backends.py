@@ -26,7 +26,7 @@ def facts_file(tmp_path, tokenizer, n=3):
 
 def family_experiments(tmp_path, tokenizer) -> dict:
     """One small experiment of each family, on data a random GPT-2 can take."""
-    from experiments import EXPERIMENTS
+    from nnexp.registry import EXPERIMENTS
 
     facts = facts_file(tmp_path, tokenizer)
     return {

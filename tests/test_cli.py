@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nnexp
-from experiments.ioi import generate_ioi
+from nnexp_experiments.ioi import generate_ioi
 from nnexp.store import RunDirectory
 
 NNEXP = [str(Path(sys.executable).with_name("nnexp"))] if Path(sys.executable).with_name("nnexp").exists() else [sys.executable, "-m", "nnexp.cli"]
@@ -225,7 +225,7 @@ def test_interrupted_run_keeps_finished_examples_and_resumes(tmp_path, tiny_gpt2
 
 def test_error_mid_run_keeps_finished_examples(tmp_path, gpt2_tiny, monkeypatch):
     """An exception in the middle of a run (say, out of memory) loses nothing finished."""
-    from experiments.ioi_patching import IOIPatching
+    from nnexp_experiments.ioi_patching import IOIPatching
 
     calls = {"n": 0}
     real = gpt2_tiny.executor.run
@@ -250,7 +250,7 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, gpt2_tiny
     """Python drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored in ...");
     nnsight and torch free a trace's state through finalizers, so a Ctrl-C can land in one.
     The run must stop at the next chunk boundary all the same, keeping what it finished."""
-    from experiments.ioi_patching import IOIPatching
+    from nnexp_experiments.ioi_patching import IOIPatching
 
     handler = signal.getsignal(signal.SIGINT)
     swallowed = []

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.ioi import NAMES, TEMPLATES, classic_ioi, generate_ioi
+from nnexp_experiments.ioi import NAMES, TEMPLATES, classic_ioi, generate_ioi
 from nnexp import DataError, PromptPair, load_prompt_pairs
 from nnexp.data import tokenize_pair
 from tests.conftest import make_gpt2_tokenizer

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 import nnexp
-from experiments.ioi import classic_ioi
-from experiments.ioi_patching import IOIPatching
+from nnexp_experiments.ioi import classic_ioi
+from nnexp_experiments.ioi_patching import IOIPatching
 from nnexp.kinds.patching.figures import _site_figure
 from nnexp.plotting import group_position_labels, heatmap, png_available
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import nnexp
-from experiments.ioi import classic_ioi
-from experiments.logit_attribution import DLAHeads, LogitAttribution
+from nnexp_experiments.ioi import classic_ioi
+from nnexp_experiments.logit_attribution import DLAHeads, LogitAttribution
 from nnexp import ArchSpec, ConfigError, DataError, ModelError
 from nnexp.logit_attribution import LogitAttributionExperiment
 from nnexp.models.architectures import ARCHITECTURES

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from experiments.ioi import ioi_pair
+from nnexp_experiments.ioi import ioi_pair
 from nnexp import ModelError, PatchingExperiment, load_model, wrap_model
 from nnexp.models import aliases
 from tests.conftest import REPO, make_gpt2_tokenizer, tiny_hf_model

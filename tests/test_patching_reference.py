@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.ioi import generate_ioi, ioi_pair
+from nnexp_experiments.ioi import generate_ioi, ioi_pair
 from nnexp import PatchingExperiment, PromptPair
 from tests.reference import patching_sweep
 

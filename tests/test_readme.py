@@ -70,7 +70,7 @@ def test_counterfact_attribution_example_works_as_written(tmp_path, smollm2):
 
 @pytest.mark.slow
 def test_factual_recall_example_works_as_written(tmp_path, smollm2):
-    result = run_python(block("from experiments.factual_recall import"), tmp_path)
+    result = run_python(block("from nnexp_experiments.factual_recall import"), tmp_path)
     assert result.returncode == 0, result.stderr
     knocked, mlp, attn = (json.loads(line) for line in result.stdout.strip().splitlines()[-3:])
     assert knocked[0] > -0.35 and knocked[1] < -0.6

@@ -78,7 +78,7 @@ def test_gemma3_patching_matches_plain_hooks(gemma3):
 
 
 def _logit_attribution(model):
-    from experiments.logit_attribution import LogitAttribution
+    from nnexp_experiments.logit_attribution import LogitAttribution
     from tests.test_logit_attribution import run_records
 
     experiment = LogitAttribution()
@@ -124,7 +124,7 @@ def test_gemma3_logit_attribution(gemma3):
 
 
 def _counterfact_attribution(model, tmp_path):
-    from experiments.counterfact_attribution import CounterFactAttribution
+    from nnexp_experiments.counterfact_attribution import CounterFactAttribution
     from nnexp import run
 
     return run(CounterFactAttribution(only_correct=True), model, out=tmp_path / "run", figures=False)

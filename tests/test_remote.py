@@ -78,6 +78,41 @@ def test_every_family_remote_equals_local(name, ndif, tmp_path):
     assert spec["model"]["source"]["kind"] == "remote"
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_collected_with_other_options_decodes_as_submitted(name, ndif, tmp_path):
+    """A chunk submitted under one row limit and collected by a command with another
+    (and a smaller --limit) is decoded with the layout it was planned with: every
+    example of the job is stored, with a local run's numbers."""
+    local_model = nnexp.load_model(str(ndif.folder))
+    experiment = family_experiments(tmp_path, local_model.tokenizer)[name]
+    # the local run traces the same rows together (batch composition changes float rounding)
+    local = nnexp.run(experiment, local_model, out=tmp_path / "local", limit=3, max_rows=9, examples_per_trace=3,
+                      figures=False)
+    out = tmp_path / "remote"
+    nnexp.run(experiment, remote_model(ndif), out=out, limit=3, max_rows=9, examples_per_trace=3, figures=False,
+              wait=False)
+    assert RunDirectory(out).done() == set() and RunDirectory(out).read_jobs()
+    collected = nnexp.run(experiment, remote_model(ndif), out=out, limit=1, max_rows=8, figures=False,
+                          collect_only=True)
+    assert not (out / "jobs.json").exists()
+    assert_same_records(list(local), list(collected))
+
+
+def test_a_job_planned_otherwise_is_refused(ndif, tmp_path):
+    from nnexp.errors import ResultsError
+
+    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    out = tmp_path / "run"
+    nnexp.run(experiment, remote_model(ndif), out=out, limit=1, max_rows=9, figures=False, wait=False)
+    jobs = json.loads((out / "jobs.json").read_text())
+    for entry in jobs["jobs"].values():
+        entry["row_limit"] = 8  # as if the layout were recomputed from another command's options
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    with pytest.raises(ResultsError, match="was planned differently"):
+        nnexp.run(experiment, remote_model(ndif), out=out, figures=False, collect_only=True)
+    assert RunDirectory(out).done() == set()
+
+
 def test_inline_and_downloaded_results_and_log_messages(ndif, tmp_path, capsys):
     console.set_quiet(False)  # notes carry the server's LOG messages
     experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
@@ -218,7 +253,7 @@ def test_cli_submit_without_waiting_then_fetch(ndif, tmp_path):
     assert result.returncode == 0, result.stderr
     assert RunDirectory(out).done() == {0, 1, 2} and not (out / "jobs.json").exists()
     assert (out / "figures" / "example-0000-resid_post.html").exists()
-    from experiments import EXPERIMENTS
+    from nnexp.registry import EXPERIMENTS
 
     local = nnexp.run(EXPERIMENTS["ioi-patching"](sites=("resid_post",)), nnexp.load_model(str(ndif.folder)),
                       out=tmp_path / "local", limit=3, figures=False)

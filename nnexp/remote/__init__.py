@@ -1,5 +1,5 @@
 """Remote execution on NDIF (nnsight's remote service): the executor and its errors."""
 
-from .client import JobPending, JobSubmitted, RemoteExecutor, RemoteRunError
+from .client import RemoteExecutor, RemoteRunError
 
-__all__ = ["JobPending", "JobSubmitted", "RemoteExecutor", "RemoteRunError"]
+__all__ = ["RemoteExecutor", "RemoteRunError"]

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from ..console import note
 from ..errors import ConfigError, NnexpError
+from ..tracing.jobs import SubmittingExecutor
 
 DEFAULT_TIMEOUT_S = 900.0  # seconds without any message from the server
 DEFAULT_RETRIES = 3
@@ -35,23 +36,6 @@ DEFAULT_BACKOFF_S = 2.0
 
 class RemoteRunError(NnexpError):
     """A remote request that failed (after retries where a retry could help)."""
-
-
-class JobSubmitted(Exception):
-    """Control flow: a chunk was submitted without waiting (non-blocking run)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(job_id)
-        self.job_id = job_id
-
-
-class JobPending(Exception):
-    """Control flow: a submitted chunk's result is not ready yet."""
-
-    def __init__(self, job_id: str, status: str) -> None:
-        super().__init__(f"{job_id}: {status}")
-        self.job_id = job_id
-        self.status = status
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -127,7 +111,7 @@ def _backend_class():
     return GuardedRemoteBackend
 
 
-class RemoteExecutor:
+class RemoteExecutor(SubmittingExecutor):
     """Runs a model's trace jobs on an NDIF server (see the module docstring).
 
     Args:
@@ -145,7 +129,7 @@ class RemoteExecutor:
                  retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF_S, trusted_hosts=()) -> None:
         from nnsight import CONFIG
 
-        self.model = model
+        super().__init__(model)
         self.host = (host or CONFIG.API.HOST).rstrip("/")
         if not self.host.startswith(("http://", "https://")) or not urlsplit(self.host).hostname:
             raise ConfigError(f"remote host {self.host!r} is not a URL; give one like https://api.ndif.us "
@@ -157,12 +141,6 @@ class RemoteExecutor:
         self.backoff = float(backoff)
         self.trusted_hosts = tuple(trusted_hosts)
         self.bytes_received = 0
-        # Set by the runner around one chunk: poll this job instead of sending a new one,
-        # or only submit (non-blocking), or wait for a pending job.
-        self.poll_job: str | None = None
-        self.submit_only = False
-        self.wait_for_pending = True
-        self.poll_interval = 2.0
 
     # -- what the request carries -----------------------------------------------------
 
@@ -194,18 +172,10 @@ class RemoteExecutor:
     # -- running ------------------------------------------------------------------------
 
     def run(self, jobs: list) -> list:
+        """Send `jobs` as one session request and wait for their values."""
         from ..tracing.jobs import _body_modules, register_for_shipping, run_session
 
         register_for_shipping(_body_modules(jobs))
-        if self.poll_job is not None:
-            return self._collect(self.poll_job)
-        if self.submit_only:
-            def submit():
-                backend = self._backend(blocking=False)
-                run_session(self.model.nn, jobs, backend)
-                return backend.job_id
-
-            raise JobSubmitted(self._with_retries(submit, "submitting a request"))
 
         def blocking():
             backend = self._backend()
@@ -216,8 +186,22 @@ class RemoteExecutor:
 
         return self._with_retries(blocking, "running a request")
 
-    def poll(self, job_id: str):
-        """The saved values of a submitted job, or None while it runs."""
+    def submit(self, jobs: list) -> str:
+        """Send `jobs` as one session request without waiting; its job id."""
+        from ..tracing.jobs import _body_modules, register_for_shipping, run_session
+
+        register_for_shipping(_body_modules(jobs))
+
+        def submit():
+            backend = self._backend(blocking=False)
+            run_session(self.model.nn, jobs, backend)
+            return backend.job_id
+
+        return self._with_retries(submit, "submitting a request")
+
+    def poll(self, job_id: str) -> tuple[list | None, str]:
+        """(each job's saved values, "COMPLETED") for a finished request, or (None, its
+        status) while it runs."""
         backend = self._backend(blocking=False, job_id=job_id)
         try:
             result = self._with_retries(backend, f"fetching job {job_id}")
@@ -225,19 +209,10 @@ class RemoteExecutor:
             self.bytes_received += backend.received
         if result is None:
             return None, (backend.status.value if backend.status is not None else "not started")
-        return result, "COMPLETED"
-
-    def _collect(self, job_id: str) -> list:
-        while True:
-            result, status = self.poll(job_id)
-            if result is not None:
-                if "results" not in result:
-                    raise RemoteRunError(f"job {job_id} completed without nnexp's results; resubmit it "
-                                         "(delete jobs.json in the results directory and resume)")
-                return result["results"]
-            if not self.wait_for_pending:
-                raise JobPending(job_id, status)
-            time.sleep(self.poll_interval)
+        if "results" not in result:
+            raise RemoteRunError(f"job {job_id} completed without nnexp's results; resubmit it "
+                                 "(delete jobs.json in the results directory and resume)")
+        return result["results"], "COMPLETED"
 
     def _with_retries(self, action, what: str):
         import websocket
@@ -250,7 +225,7 @@ class RemoteExecutor:
             for attempt in range(self.retries + 1):
                 try:
                     return action()
-                except (RemoteRunError, JobSubmitted, JobPending):
+                except RemoteRunError:
                     raise
                 except Exception as error:  # noqa: BLE001 - every failure is explained below
                     message, transient = self.explain(error)

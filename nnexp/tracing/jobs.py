@@ -6,13 +6,16 @@ and a `body`, a function called inside the trace with the nnsight model that rea
 and edits activations and returns what to keep (tensors, reduced to what the
 experiment stores). The bodies live in `nnexp.tracing.execute`.
 
-Executors run a list of jobs, one list per chunk of examples:
+Executors run a list of jobs, one list per chunk of examples (`Executor.run`);
+those that can leave a list running on a server also submit it and poll for it
+(`SubmittingExecutor.submit` / `poll`). The runner decides which to call:
 
 * `LocalExecutor`: one trace per job on the model's own device(s).
 * `SimulatedRemoteExecutor`: every job of the list in ONE nnsight session request,
   with nnsight's `remote="local"` (serialised and deserialised in-process, with
   nnexp hidden, the way a server would see it).
-* `nnexp.remote.RemoteExecutor`: the same session, sent to an NDIF server.
+* `nnexp.remote.RemoteExecutor` (a `SubmittingExecutor`): the same session, sent to
+  an NDIF server, waited for or submitted and polled.
 
 The bodies run wherever the model is, so they move the small tensors they carry
 (row indices, values, answer ids) to the device of the activation they touch, and
@@ -21,10 +24,11 @@ return their results on the CPU.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -43,13 +47,43 @@ class TraceJob:
     options: dict = field(default_factory=lambda: dict(TRACE_OPTIONS))
 
 
-class LocalExecutor:
-    """Runs each job as its own trace on the model's device(s)."""
+class Executor(ABC):
+    """Runs lists of trace jobs for one model; `kind` names it in specs and messages."""
 
-    kind = "local"
+    kind: ClassVar[str]
 
     def __init__(self, model) -> None:
         self.model = model
+
+    @abstractmethod
+    def run(self, jobs: list[TraceJob]) -> list:
+        """Each job's saved values, in order, once all have run."""
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+class SubmittingExecutor(Executor):
+    """An executor whose jobs run elsewhere and can be left running: `submit` sends a
+    list of jobs and returns a job id at once; `poll` asks for its values later."""
+
+    host: str
+    bytes_received: int
+
+    @abstractmethod
+    def submit(self, jobs: list[TraceJob]) -> str:
+        """Send `jobs` as one request without waiting; the id to poll it by."""
+
+    @abstractmethod
+    def poll(self, job_id: str) -> tuple[list | None, str]:
+        """(each job's saved values, "COMPLETED") once the request has finished, or
+        (None, its status) while it has not."""
+
+
+class LocalExecutor(Executor):
+    """Runs each job as its own trace on the model's device(s)."""
+
+    kind = "local"
 
     def run(self, jobs: list[TraceJob]) -> list:
         from nnsight import save
@@ -66,9 +100,6 @@ class LocalExecutor:
                     value = save(job.body(nn))
             results.append(value)
         return results
-
-    def describe(self) -> dict:
-        return {"kind": self.kind}
 
 
 def recording_rows(run: Callable[[list[TraceJob]], list], rows: list[int]) -> Callable[[list[TraceJob]], list]:
@@ -138,24 +169,18 @@ def run_session(nn, jobs: list[TraceJob], backend) -> list | None:
     return results if getattr(backend, "blocking", True) else None
 
 
-class SimulatedRemoteExecutor:
+class SimulatedRemoteExecutor(Executor):
     """nnsight's `remote="local"`: each list of jobs is serialised into one session
     request and deserialised in-process with nnexp hidden, then run on the local model.
     Proves that a request would run on a server that does not have nnexp."""
 
     kind = "remote-local"
 
-    def __init__(self, model) -> None:
-        self.model = model
-
     def run(self, jobs: list[TraceJob]) -> list:
         from nnsight.intervention.backends.local import LocalSimulationBackend
 
         register_for_shipping(_body_modules(jobs))
         return run_session(self.model.nn, jobs, LocalSimulationBackend(self.model.nn))
-
-    def describe(self) -> dict:
-        return {"kind": self.kind}
 
 
 def _body_modules(jobs: list[TraceJob]) -> set[str]:

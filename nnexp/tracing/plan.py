@@ -21,9 +21,26 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
+from ..registry import Registry
 from ..sites import HookPoint
 
+# The edits a trace applies to a hook point's tensor, vectorised over rows, by the name
+# a run's `RunEdit.kind` gives (`nnexp.tracing.runs`). Each class builds itself from the
+# flat entries the planner gathers for one hook point (`from_entries`).
+EDITS: Registry = Registry("edit")
 
+
+def register_edit(name: str, description: str):
+    """Class decorator: register an edit class under `name`."""
+
+    def decorator(cls):
+        EDITS.register(name, cls, description=description)
+        return cls
+
+    return decorator
+
+
+@register_edit("copy", "copy another row's activation at the same positions (patching, restoring), optionally one head's slice")
 @dataclass
 class CopyRows:
     """Copy activations from source rows into target rows, entry by entry.
@@ -52,6 +69,12 @@ class CopyRows:
         positions = self.positions.unsqueeze(1)
         x[rows_t, positions, columns] = x[rows_s, positions, columns]
 
+    @classmethod
+    def from_entries(cls, entries: dict) -> CopyRows:
+        heads = torch.tensor(entries["heads"]) if entries.get("heads") else None
+        return cls(torch.tensor(entries["rows"]), torch.tensor(entries["sources"]), torch.tensor(entries["positions"]),
+                   heads)
+
     def to(self, device) -> CopyRows:
         return CopyRows(
             self.target_rows.to(device),
@@ -61,6 +84,7 @@ class CopyRows:
         )
 
 
+@register_edit("add", "add given vectors at positions (noise, steering)")
 @dataclass
 class AddRows:
     """Add `values[i]` to `x[rows[i], positions[i]]` (e.g. noise on the subject's embeddings)."""
@@ -72,10 +96,15 @@ class AddRows:
     def apply(self, x: torch.Tensor, point: HookPoint) -> None:
         x[self.rows, self.positions] += self.values.to(x.dtype)
 
+    @classmethod
+    def from_entries(cls, entries: dict) -> AddRows:
+        return cls(torch.tensor(entries["rows"]), torch.tensor(entries["positions"]), torch.cat(entries["values"]))
+
     def to(self, device) -> AddRows:
         return AddRows(self.rows.to(device), self.positions.to(device), self.values.to(device))
 
 
+@register_edit("set", "overwrite positions with given vectors (zero or mean ablation)")
 @dataclass
 class SetRows:
     """Overwrite `x[rows[i], positions[i]]` with `values[i]` (zero or mean ablation)."""
@@ -87,10 +116,15 @@ class SetRows:
     def apply(self, x: torch.Tensor, point: HookPoint) -> None:
         x[self.rows, self.positions] = self.values.to(x.dtype)
 
+    @classmethod
+    def from_entries(cls, entries: dict) -> SetRows:
+        return cls(torch.tensor(entries["rows"]), torch.tensor(entries["positions"]), torch.cat(entries["values"]))
+
     def to(self, device) -> SetRows:
         return SetRows(self.rows.to(device), self.positions.to(device), self.values.to(device))
 
 
+@register_edit("block", "block attention from the last position to given key positions (knockout)")
 @dataclass
 class BlockAttention:
     """Block attention from the last position to `keys[i]` in row `rows[i]`.
@@ -121,6 +155,10 @@ class BlockAttention:
         else:
             mask[:, :, -1, :] = last.masked_fill(blocked[:, None, :], torch.finfo(mask.dtype).min)
         return mask
+
+    @classmethod
+    def from_entries(cls, entries: dict) -> BlockAttention:
+        return cls(torch.tensor(entries["rows"]), torch.stack(entries["keys"]))
 
     def to(self, device) -> BlockAttention:
         return BlockAttention(self.rows.to(device), self.keys.to(device))

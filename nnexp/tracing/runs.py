@@ -1,18 +1,22 @@
-"""Edited runs of one prompt, packed into trace plans.
+"""Edited runs of one prompt, packed into trace plans: the one planner of every kind
+whose traces are edited runs (activation patching, attention knockout, sublayer
+knockout, causal tracing).
 
-The factual-recall analyses each turn one fact into a few *base* runs (the clean run;
-for causal tracing also the noised runs) and many *variant* runs (one per knocked
-window, ablated window or restored (layer, token)). A run is the fact's prompt plus
-a list of `RunEdit`s, each saying what to do to one hook point's tensor in that row:
+Each such kind turns one example into a few *base* runs (the clean run; for patching
+also the corrupted run; for causal tracing the noised runs) and many *variant* runs
+(one per patched cell, knocked window, ablated window or restored (layer, token)). A
+run is the example's prompt (or its own token ids, e.g. the corrupted prompt of a
+patching pair, of the same length) plus a list of `RunEdit`s, each saying what to do
+to one hook point's tensor in that row, optionally restricted to one attention head:
 
 - "copy": take the value of the group's first run (the clean run) at `positions`;
 - "add": add `values` at `positions` (noise);
 - "set": overwrite with `values` at `positions` (zero or mean ablation);
 - "block": block attention from the last position to the keys `positions`.
 
-`pack_runs` splits the variants of many facts into traces of at most `max_rows` rows,
-repeating a fact's base runs in every trace that holds some of its variants (the clean
-run is the source of every copy). `build_plan` turns one trace's runs into a
+`pack_runs` splits the variants of many examples into traces of at most `max_rows`
+rows, repeating an example's base runs in every trace that holds some of its variants
+(the clean run is the source of every copy). `build_plan` turns one trace's runs into a
 `TracePlan` with ONE vectorised edit per (hook point, kind), whatever the number of
 rows, so a trace costs one batched forward pass.
 """
@@ -26,9 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..sites import HookPoint
-from .plan import AddRows, BlockAttention, CopyRows, SetRows, TracePlan, group_edits, left_pad
-
-EDIT_KINDS = ("copy", "add", "set", "block")
+from .plan import EDITS, TracePlan, group_edits, left_pad
 
 
 @dataclass
@@ -37,11 +39,13 @@ class RunEdit:
     kind: str
     positions: list[int]  # unpadded token positions (key positions for "block")
     values: torch.Tensor | None = None  # [len(positions), features] for "add" and "set"
+    head: int | None = None  # "copy" only: restrict the edit to this head's slice (head sites)
 
 
 @dataclass
 class Run:
     edits: list[RunEdit] = field(default_factory=list)
+    ids: list[int] | None = None  # the run's own token ids; None: the group's prompt
 
 
 @dataclass
@@ -56,16 +60,16 @@ class RunGroup:
     variants: list[int]  # which of the fact's variants runs[n_base:] are
 
 
-def pack_runs(facts: list[tuple[object, list[int], int, int, list[Run], list[Run]]],
+def pack_runs(examples: list[tuple[object, list[int], int, int, list[Run], list[Run]]],
               max_rows: int | None) -> list[list[RunGroup]]:
     """Traces of at most `max_rows` rows from (key, ids, answer, foil, base runs, variant runs)."""
     traces: list[list[RunGroup]] = []
     current: list[RunGroup] = []
     used = 0
-    for key, ids, answer, foil, base, variants in facts:
+    for key, ids, answer, foil, base, variants in examples:
         if max_rows is not None and max_rows < len(base) + 1:
             raise ConfigError(f"max_rows is {max_rows}; this experiment needs at least {len(base) + 1} rows per trace "
-                              f"({len(base)} base runs per fact and one edited run)")
+                              f"({len(base)} base runs per example and one edited run)")
         per_part = len(variants) if max_rows is None else max_rows - len(base)
         chunks = [list(range(i, min(i + per_part, len(variants)))) for i in range(0, len(variants), max(per_part, 1))]
         for part in chunks or [[]]:
@@ -85,22 +89,24 @@ def build_plan(groups: list[RunGroup], pad_id: int, metric) -> tuple[TracePlan, 
     sequences, answer, foil, firsts = [], [], [], []
     for group in groups:
         firsts.append(len(sequences))
-        sequences += [group.ids] * len(group.runs)
+        sequences += [group.ids if run.ids is None else run.ids for run in group.runs]
         answer += [group.answer] * len(group.runs)
         foil += [group.foil] * len(group.runs)
     input_ids, attention_mask, offsets = left_pad(sequences, pad_id)
     width = input_ids.shape[1]
 
-    # flat entries per (hook point, kind): rows, positions, sources / values / key masks
+    # flat entries per (hook point, kind, per head or not): rows, positions, sources /
+    # heads / values / key masks
     entries: dict = defaultdict(lambda: defaultdict(list))
     for group, first in zip(groups, firsts):
-        offset = offsets[first]
         for r, run in enumerate(group.runs):
             row = first + r
+            offset = offsets[row]
+            if offset != offsets[first] and any(edit.kind == "copy" for edit in run.edits):
+                raise ValueError("a run that copies from its group's first run must have as many tokens as it")
             for edit in run.edits:
-                if edit.kind not in EDIT_KINDS:
-                    raise ValueError(f"unknown edit kind {edit.kind!r}")
-                slot = entries[(edit.point, edit.kind)]
+                EDITS.get(edit.kind)  # an unknown kind fails here, naming the known ones
+                slot = entries[(edit.point, edit.kind, edit.head is not None)]
                 if edit.kind == "block":
                     keys = torch.zeros(width, dtype=torch.bool)
                     keys[[offset + p for p in edit.positions]] = True
@@ -111,19 +117,13 @@ def build_plan(groups: list[RunGroup], pad_id: int, metric) -> tuple[TracePlan, 
                 slot["positions"] += [offset + p for p in edit.positions]
                 if edit.kind == "copy":
                     slot["sources"] += [first] * len(edit.positions)
+                    if edit.head is not None:
+                        slot["heads"] += [edit.head] * len(edit.positions)
                 else:
                     slot["values"].append(edit.values)
     edits: dict[HookPoint, list] = defaultdict(list)
-    for (point, kind), slot in entries.items():
-        if kind == "block":
-            edits[point].append(BlockAttention(torch.tensor(slot["rows"]), torch.stack(slot["keys"])))
-            continue
-        rows, positions = torch.tensor(slot["rows"]), torch.tensor(slot["positions"])
-        if kind == "copy":
-            edits[point].append(CopyRows(rows, torch.tensor(slot["sources"]), positions))
-        else:
-            edit_type = AddRows if kind == "add" else SetRows
-            edits[point].append(edit_type(rows, positions, torch.cat(slot["values"])))
+    for (point, kind, _), slot in entries.items():
+        edits[point].append(EDITS.get(kind).from_entries(slot))
     plan = TracePlan(
         input_ids=input_ids,
         attention_mask=attention_mask,

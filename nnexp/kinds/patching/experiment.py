@@ -36,16 +36,17 @@ from pathlib import Path
 import torch
 
 from ...console import note
+from ...contract import ChunkPlan, CompiledExperiment, expect_rows
 from ...data import PromptPair, TokenizedPair, load_prompt_pairs, tokenize_pair
 from ...errors import ConfigError
 from ...experiment import Experiment
 from ...labelled import LabelledTensor
 from ...metrics import get_metric
 from ...results import ExampleRecord
-from ...sites import HEAD_SITES, check_heads, check_layers, check_site, resolve_site
-from ...tracing.execute import run_plans
-from ...tracing.memory import rows_for_budget, tightest
-from ...tracing.plan import CopyRows, TracePlan, group_edits, left_pad
+from ...sites import check_heads, check_layers, check_site, is_per_head, resolve_site
+from ...tracing.execute import plan_job
+from ...tracing.memory import rows_for_budget
+from ...tracing.runs import Run, RunEdit, build_plan, pack_runs
 
 
 def _check_positions(value, field_name: str):
@@ -138,28 +139,28 @@ class _Item:
         return [i for i, cell in enumerate(self.cells) if cell.needs_run]
 
 
-class CompiledPatching:
-    """A `PatchingExperiment` bound to a model: validated, and able to run examples."""
+class CompiledPatching(CompiledExperiment):
+    """A `PatchingExperiment` bound to a model: validated, and able to plan and decode examples.
+
+    Each example is planned through the one planner of edited runs (`nnexp.tracing.runs`):
+    base runs [clean, corrupted], and one variant per cell that needs running, the
+    corrupted prompt with the clean run's activation copied in at the cell."""
 
     def __init__(self, experiment: PatchingExperiment, model) -> None:
-        self.experiment = experiment
-        self.model = model
+        super().__init__(experiment, model)
         arch = model.arch
         self.layers = check_layers(None if experiment.layers is None else list(experiment.layers), arch)
         self.heads = check_heads(None if experiment.heads is None else list(experiment.heads), arch)
         self.points = {
             (site, layer): resolve_site(site, layer, arch) for site in experiment.sites for layer in self.layers
         }
-        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        self.rows_per_trace: int | None = None  # set by a memory budget
 
-    def set_memory_budget(self, items: list[_Item], budget: int) -> int:
-        """Cap the rows per trace so that a trace's activations peak under `budget`
-        bytes on every device (measured at the longest example's length)."""
+    def rows_for_budget(self, items: list[_Item], budget: int) -> int:
+        """The rows one trace may hold so that its activations peak under `budget` bytes
+        on every device (measured at the longest example's length)."""
         tokens = max(item.pair.n_tokens for item in items)
-        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, minimum=3,
-                                              what="a patching trace (clean, corrupted and one patched run)")
-        return self.rows_per_trace
+        return rows_for_budget(self.model, budget, tokens, minimum=3,
+                               what="a patching trace (clean, corrupted and one patched run)")
 
     # -- preparing examples ---------------------------------------------------
 
@@ -172,7 +173,7 @@ class CompiledPatching:
         if not self.experiment.skip_shared_prefix:
             shared = 0
         for site in self.experiment.sites:
-            is_head = site in HEAD_SITES
+            is_head = is_per_head(site)
             spec = self.experiment.head_positions if is_head else self.experiment.positions
             if spec == "all":
                 groups = [list(range(n))]
@@ -205,74 +206,49 @@ class CompiledPatching:
             )
         return p % n
 
-    # -- running ----------------------------------------------------------------
+    # -- planning and decoding ---------------------------------------------------------
 
-    def plans(self, items: list[_Item], max_rows: int | None = None) -> list[tuple[list, TracePlan]]:
-        """The trace plans for `items`: as few as `max_rows` allows, each with its layout
-        (which cells of which example each row group holds)."""
-        return [(trace, self._plan(trace)) for trace in _pack(items, tightest(max_rows, self.rows_per_trace))]
+    def _runs(self, item: _Item) -> tuple[list[Run], list[Run]]:
+        """[clean, corrupted], and one patched run per cell that needs running."""
+        pair = item.pair
+        variants = []
+        for cell_id in item.run_cells:
+            cell = item.cells[cell_id]
+            edit = RunEdit(self.points[(cell.site, cell.layer)], "copy", cell.positions, head=cell.head)
+            variants.append(Run([edit], ids=pair.corrupted_ids))
+        return [Run(ids=pair.clean_ids), Run(ids=pair.corrupted_ids)], variants
 
-    def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
-        """Run the sweeps of `items`, packed into as few traces as `max_rows` allows."""
-        clean = {}
-        corrupted = {}
+    def plan(self, items: list[_Item], row_limit: int | None) -> ChunkPlan:
+        """The sweeps of `items` in as few traces as `row_limit` allows. Layout: per trace,
+        per example in it, [example index, first row, the cells its patched rows hold]."""
+        if row_limit is not None and row_limit < 3:
+            raise ConfigError(f"max_rows is {row_limit}; a trace needs at least 3 rows (clean, corrupted, one "
+                              "patched run)")
+        examples = []
+        for item in items:
+            base, variants = self._runs(item)
+            examples.append((item.index, item.pair.clean_ids, item.pair.answer_id, item.pair.foil_id, base, variants))
+        cells = {item.index: item.run_cells for item in items}
+        jobs, layout = [], []
+        for trace in pack_runs(examples, row_limit):
+            plan, firsts = build_plan(trace, self.pad_id, self.experiment.metric)
+            jobs.append(plan_job(plan))
+            layout.append([[group.key, first, [cells[group.key][v] for v in group.variants]]
+                           for group, first in zip(trace, firsts)])
+        return ChunkPlan(jobs, layout, row_limit, [item.index for item in items])
+
+    def decode(self, items: list[_Item], plan: ChunkPlan, values: list) -> list[ExampleRecord]:
+        plan.check_values(values)
+        clean, corrupted = {}, {}
         patched: dict[int, dict[int, float]] = defaultdict(dict)  # example -> cell -> metric
-        laid_out = self.plans(items, max_rows)
-        for (trace, _), values in zip(laid_out, run_plans(self.model, [plan for _, plan in laid_out])):
-            row = 0
-            for item, cell_ids in trace:
-                clean.setdefault(item.pair.index, float(values[row]))
-                corrupted.setdefault(item.pair.index, float(values[row + 1]))
+        for rows, trace, value in zip(plan.rows, plan.layout, values):
+            metric = expect_rows(value, rows, "a patching trace")[:, 0].tolist()
+            for index, first, cell_ids in trace:
+                clean.setdefault(index, metric[first])
+                corrupted.setdefault(index, metric[first + 1])
                 for offset, cell_id in enumerate(cell_ids):
-                    patched[item.pair.index][cell_id] = float(values[row + 2 + offset])
-                row += 2 + len(cell_ids)
-        return [
-            self._record(item, clean[item.pair.index], corrupted[item.pair.index], patched[item.pair.index])
-            for item in items
-        ]
-
-    def _plan(self, trace: list[tuple[_Item, list[int]]]) -> TracePlan:
-        sequences, answer, foil = [], [], []
-        owners = []  # (item, first row)
-        for item, cell_ids in trace:
-            owners.append((item, len(sequences)))
-            sequences += [item.pair.clean_ids, item.pair.corrupted_ids] + [item.pair.corrupted_ids] * len(cell_ids)
-            answer += [item.pair.answer_id] * (2 + len(cell_ids))
-            foil += [item.pair.foil_id] * (2 + len(cell_ids))
-        input_ids, attention_mask, offsets = left_pad(sequences, self.pad_id)
-
-        # Gather every copy as flat (target row, source row, position, head) entries per
-        # hook point, so each point gets one vectorised edit for the whole batch.
-        entries: dict = defaultdict(lambda: ([], [], [], []))
-        for (item, first), (_, cell_ids) in zip(owners, trace):
-            offset = offsets[first]
-            for k, cell_id in enumerate(cell_ids):
-                cell = item.cells[cell_id]
-                target, source, positions, heads = entries[(cell.site, cell.layer)]
-                for p in cell.positions:
-                    target.append(first + 2 + k)
-                    source.append(first)
-                    positions.append(offset + p)
-                    heads.append(cell.head)
-        edits = {}
-        for (site, layer), (target, source, positions, heads) in entries.items():
-            point = self.points[(site, layer)]
-            edits[point] = [
-                CopyRows(
-                    torch.tensor(target),
-                    torch.tensor(source),
-                    torch.tensor(positions),
-                    torch.tensor(heads) if site in HEAD_SITES else None,
-                )
-            ]
-        return TracePlan(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            edits=group_edits(edits),
-            metric=self.experiment.metric,
-            answer_ids=torch.tensor(answer),
-            foil_ids=torch.tensor(foil),
-        )
+                    patched[index][cell_id] = metric[first + 2 + offset]
+        return [self._record(item, clean[item.index], corrupted[item.index], patched[item.index]) for item in items]
 
     def _record(self, item: _Item, clean: float, corrupted: float, patched: dict[int, float]) -> ExampleRecord:
         denominator = clean - corrupted
@@ -298,31 +274,3 @@ class CompiledPatching:
             scalars={"clean": clean, "corrupted": corrupted},
             info=item.pair.info(),
         )
-
-
-def _pack(items: list[_Item], max_rows: int | None) -> list[list[tuple[_Item, list[int]]]]:
-    """Split the items' cells into traces of at most `max_rows` rows.
-
-    Every part of an example carries that example's clean and corrupted rows (the
-    patch sources), so an example split across traces costs two extra rows per part.
-    """
-    if max_rows is not None and max_rows < 3:
-        raise ConfigError(f"max_rows is {max_rows}; a trace needs at least 3 rows (clean, corrupted, one patched run)")
-    traces: list[list[tuple[_Item, list[int]]]] = []
-    current: list[tuple[_Item, list[int]]] = []
-    used = 0
-    for item in items:
-        cell_ids = item.run_cells
-        per_part = max(1, len(cell_ids)) if max_rows is None else max_rows - 2
-        parts = [cell_ids[i : i + per_part] for i in range(0, len(cell_ids), per_part)] or [[]]
-        for part in parts:
-            rows = 2 + len(part)
-            if current and max_rows is not None and used + rows > max_rows:
-                traces.append(current)
-                current, used = [], 0
-            current.append((item, part))
-            used += rows
-    if current:
-        traces.append(current)
-    return traces
-
