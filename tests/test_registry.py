@@ -1,0 +1,130 @@
+"""Registries, plugins and the catalogue: names resolve the same way for every sort of thing,
+a user's module adds names from Python and the command line, and nothing on a user's
+sys.path can hide the ready-made experiments."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import nnexp
+from nnexp import ConfigError
+from nnexp.cli import main
+from nnexp.registry import Registry
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.fast
+
+
+def test_registry_names_what_it_knows_and_refuses_a_second_owner():
+    registry: Registry = Registry("widget", load_plugins=False)
+
+    @registry.register("spanner", description="turns nuts")
+    def spanner():
+        pass
+
+    assert registry.get("spanner") is spanner and "spanner" in registry and registry.names() == ["spanner"]
+    assert registry.describe("spanner") == "turns nuts"
+    with pytest.raises(ConfigError, match=r"unknown widget 'hammer'; choose one of: spanner"):
+        registry.get("hammer")
+    with pytest.raises(ConfigError, match="widget 'spanner' is already registered"):
+        registry.register("spanner", lambda: None)
+    registry.register("spanner", spanner)  # the same object again (a module imported twice) is fine
+    replacement = registry.register("spanner", lambda: None, replace=True)
+    assert registry.get("spanner") is replacement
+
+
+def test_every_registry_holds_the_built_in_names():
+    assert nnexp.KINDS.names() == ["patching", "logit-attribution", "gradient-attribution", "attention-knockout",
+                                   "attribute-extraction", "sublayer-knockout", "causal-tracing"]
+    for name, cls in nnexp.KINDS.items():
+        assert issubclass(cls, nnexp.Experiment) and getattr(nnexp, cls.__name__) is cls, name
+    assert {"ioi-patching", "logit-lens", "counterfact-attribution", "causal-tracing"} <= set(nnexp.EXPERIMENTS)
+    for name, cls in nnexp.EXPERIMENTS.items():
+        assert cls.name == name and any(issubclass(cls, kind) for kind in dict(nnexp.KINDS.items()).values())
+    assert nnexp.SITES.names() == ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
+    assert nnexp.EDITS.names() == ["copy", "add", "set", "block"]
+    assert {"logit_diff", "prob", "rank", "contrast_prob_diff"} <= set(nnexp.METRICS)
+
+
+def test_a_project_experiments_package_does_not_hide_the_catalogue(tmp_path, monkeypatch):
+    # The most common folder name in research repositories, first on sys.path.
+    own = tmp_path / "experiments"
+    own.mkdir()
+    (own / "__init__.py").write_text("MINE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "experiments", raising=False)
+    import experiments
+
+    assert experiments.MINE
+    assert nnexp.find_experiment("ioi-patching").__module__ == "nnexp_experiments.ioi_patching"
+
+
+def test_the_library_does_not_import_the_catalogue():
+    for path in (REPO / "nnexp").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(name.split(".")[0] in ("experiments", "nnexp_experiments") for name in names), path
+
+
+def test_every_package_is_installed():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "nnexp").rglob("__init__.py")}
+    assert found <= listed, f"add to pyproject.toml's packages: {sorted(found - listed)}"
+    assert config["package-dir"] == {"nnexp_experiments": "experiments"} and "nnexp_experiments" in listed
+    folders = {path.parent for path in (REPO / "nnexp").rglob("*.py")}
+    assert all((folder / "__init__.py").exists() for folder in folders), "every folder of nnexp/ is a package"
+
+
+PLUGIN = '''
+import torch
+import nnexp
+from nnexp.sites import RANKS
+from nnexp.sites import HookPoint
+
+
+@nnexp.register_metric("{metric}", "answer logit minus the mean logit")
+def answer_over_mean(logits, answer, foil):
+    return logits.gather(-1, answer[:, None])[:, 0] - logits.mean(-1)
+
+
+@nnexp.register_site("{site}", "the block's input layer norm output")
+def ln1_out(layer, arch):
+    return HookPoint(f"{{arch.block(layer)}}.ln_1", "output", None, (layer, RANKS["resid_pre"] + 0.5))
+'''
+
+
+def write_plugin(tmp_path: Path, metric: str, site: str) -> Path:
+    path = tmp_path / f"plugin_{metric}.py"
+    path.write_text(textwrap.dedent(PLUGIN.format(metric=metric, site=site)))
+    return path
+
+
+def test_include_adds_names_to_the_command_line(tmp_path, capsys):
+    plugin = write_plugin(tmp_path, "answer_over_mean_cli", "ln1_out_cli")
+    assert main(["list", "--include", str(plugin)]) == 0
+    out = capsys.readouterr().out
+    assert "answer_over_mean_cli" in out and "answer logit minus the mean logit" in out
+    assert "ln1_out_cli" in out
+    for section in ("experiment kinds", "experiments:", "sites:", "edits:", "metrics:"):
+        assert section in out
+    assert main(["list", "--include", str(tmp_path / "missing.py")]) == 2
+    assert "--include" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    assert main(["list", "--include", str(broken)]) == 2
+    assert "failed to import: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_plugin_entry_points_are_loaded():
+    from importlib.metadata import entry_points
+
+    names = {entry.name: entry.value for entry in entry_points(group="nnexp.plugins")}
+    assert names.get("experiments") == "nnexp_experiments"
