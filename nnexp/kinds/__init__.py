@@ -4,3 +4,4 @@ in `nnexp.registry.KINDS`."""
 
 from . import patching  # noqa: F401
 from . import logit_attribution  # noqa: F401
+from . import gradient_attribution  # noqa: F401
