@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from nnexp.counterfact import builtin_facts
-from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.kinds.gradient_attribution import GradientAttributionExperiment
 from nnexp.tracing.memory import frozen_parameters
 from nnexp.tracing.plan import left_pad
 

@@ -14,7 +14,7 @@ import time
 from nnexp import PatchingExperiment
 from nnexp.counterfact import builtin_facts
 from nnexp.errors import ConfigError
-from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.kinds.gradient_attribution import GradientAttributionExperiment
 from nnexp.tracing.jobs import recorded_traces
 from nnexp.tracing.memory import peak_memory
 
@@ -31,13 +31,11 @@ def _cases(model, args):
 
 
 def _run(compiled, items, budget, device):
-    compiled.rows_per_trace = None
-    if budget is not None:
-        compiled.set_memory_budget(items, budget)
+    rows = None if budget is None else compiled.rows_for_budget(items, budget)
     with recorded_traces(compiled.model) as traces, peak_memory() as peaks:
         sync(device)
         start = time.perf_counter()
-        records = compiled.run(items)
+        records = compiled.run(items, max_rows=rows)
         sync(device)
         seconds = time.perf_counter() - start
     return records, seconds, max(peaks.values(), default=0), traces
@@ -63,7 +61,6 @@ def run(model, args, folder) -> list[Table]:
             assert used <= budget, f"{title}: peak {used} over the budget {budget}"
             table.add(title, mib(budget), max(traces), len(traces), seconds, mib(used), f"{used / budget:.2f}",
                       f"{difference:.1e}")
-        compiled.rows_per_trace = None
     table.notes.append("peak: tensor memory above the weights (CUDA: the allocator's peak; CPU: every storage "
                        "the operators create, followed until freed), see nnexp/tracing/memory.py")
     table.notes.append("seconds are taken while the peak is measured, which on the CPU slows every operator: "

@@ -19,7 +19,7 @@ import torch
 
 import nnexp
 from nnexp.counterfact import builtin_facts
-from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.kinds.gradient_attribution import GradientAttributionExperiment
 from nnexp.tracing.plan import left_pad
 
 from .attribution import floor

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.kinds.gradient_attribution import GradientAttributionExperiment
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnexp.logit_attribution import ANALYSES, LogitAttributionExperiment
+from nnexp.kinds.logit_attribution import ANALYSES, LogitAttributionExperiment
 from nnexp.prompts import Prompt
 
 from .ioi import builtin_pairs, check_builtin

@@ -13,14 +13,14 @@ import torch
 import nnexp
 from nnexp.counterfact import Fact, builtin_facts
 from nnexp.errors import ConfigError, DataError, ModelError
-from nnexp.gradient_attribution import GradientAttributionExperiment, subject_and_last_profile
+from nnexp.kinds.gradient_attribution import GradientAttributionExperiment, subject_and_last_profile
 from tests.conftest import make_gpt2_tokenizer, tiny_model
 from tests.gradient_reference import reference
 
 
 def gpt2_facts(tokenizer, n: int) -> list[Fact]:
     """Built-in facts whose targets are single GPT-2 tokens, of varied prompt lengths."""
-    from nnexp.fact_experiment import tokenize_fact
+    from nnexp.kinds.facts import tokenize_fact
 
     out = []
     for i, fact in enumerate(builtin_facts()):
@@ -105,12 +105,12 @@ def test_memory_budget_sizes_the_batches(gpt2_tiny, monkeypatch):
     forward, backward = row_cost(gpt2_tiny, longest), row_cost(gpt2_tiny, longest, grad=True)
     assert backward.per_row["cpu"] > forward.per_row["cpu"]  # a backward pass holds the autograd graph
     calls = count_traces(gpt2_tiny, monkeypatch)
-    rows = compiled.set_memory_budget(items, int(3.2 * (backward.fixed["cpu"] + backward.per_row["cpu"])))
+    rows = compiled.rows_for_budget(items, int(3.2 * (backward.fixed["cpu"] + backward.per_row["cpu"])))
     assert 1 <= rows < 8
-    compiled.run(items)
+    compiled.run(items, max_rows=rows)
     assert calls == [rows] * (8 // rows) + ([8 % rows] if 8 % rows else [])
     with pytest.raises(ConfigError, match="below what gradient attribution of one fact needs"):
-        compiled.set_memory_budget(items, 1000)
+        compiled.rows_for_budget(items, 1000)
 
 
 

@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file
 
 from nnexp.counterfact import builtin_facts
-from nnexp.gradient_attribution import GradientAttributionExperiment
+from nnexp.kinds.gradient_attribution import GradientAttributionExperiment
 from tests.conftest import save_tiny_model
 from tests.inseq_env import inseq_python
 from tests.test_gradient_attribution import assert_close_relative, gpt2_facts

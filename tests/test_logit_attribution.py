@@ -16,7 +16,7 @@ import nnexp
 from nnexp_experiments.ioi import classic_ioi
 from nnexp_experiments.logit_attribution import DLAHeads, LogitAttribution
 from nnexp import ArchSpec, ConfigError, DataError, ModelError
-from nnexp.logit_attribution import LogitAttributionExperiment
+from nnexp.kinds.logit_attribution import LogitAttributionExperiment
 from nnexp.models.architectures import ARCHITECTURES
 from nnexp.models.norms import NormForm
 from nnexp.prompts import Prompt, load_prompts

@@ -131,7 +131,7 @@ def _counterfact_attribution(model, tmp_path):
 
 
 def _check_attribution_structure(results):
-    from nnexp.gradient_attribution import subject_and_last_profile
+    from nnexp.kinds.gradient_attribution import subject_and_last_profile
 
     for record in results:
         # The last layer's MLP acts on each position alone, and only the last position's

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from nnexp_experiments.ioi import classic_ioi
-from nnexp.logit_attribution import LogitAttributionExperiment
+from nnexp.kinds.logit_attribution import LogitAttributionExperiment
 from nnexp.prompts import Prompt
 from tests.test_logit_attribution import randomise_norms_and_biases, run_records
 

@@ -3,3 +3,5 @@ decoding, dataset summaries and figures. Importing this package registers every 
 in `nnexp.registry.KINDS`."""
 
 from . import patching  # noqa: F401
+from . import logit_attribution  # noqa: F401
+from . import gradient_attribution  # noqa: F401

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from .plotting import heatmap, line_plot, token_label, write_figures
+from ...plotting import heatmap, line_plot, token_label, write_figures
 
 Y_TITLE = "logit difference (answer − foil)"
 

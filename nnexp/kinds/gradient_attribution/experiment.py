@@ -37,15 +37,16 @@ from typing import ClassVar
 
 import torch
 
-from .errors import ConfigError, DataError
-from .fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
-from .labelled import LabelledTensor
-from .metrics import get_metric
-from .results import ExampleRecord
-from .sites import check_layers, resolve_site
-from .tracing.execute import gradients_x_activation
-from .tracing.memory import rows_for_budget, tightest
-from .tracing.plan import left_pad, row_batches
+from ...contract import ChunkPlan, expect_rows
+from ...errors import ConfigError
+from ...labelled import LabelledTensor
+from ...metrics import get_metric
+from ...results import ExampleRecord
+from ...sites import check_layers, resolve_site
+from ...tracing import memory
+from ...tracing.execute import gradient_job
+from ...tracing.plan import left_pad, row_batches
+from ..facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 
 GRADIENT_SITES = ("mlp_out", "attn_out", "resid_pre", "resid_post")
 
@@ -84,13 +85,17 @@ class GradientAttributionExperiment(FactExperiment):
         return CompiledGradientAttribution(self, model)
 
     def figures(self, results, out_dir: Path) -> list[Path]:
-        from .gradient_figures import gradient_attribution_figures
+        from .figures import gradient_attribution_figures
 
         return gradient_attribution_figures(self, results, out_dir)
 
 
 class CompiledGradientAttribution(CompiledFactExperiment):
-    """A `GradientAttributionExperiment` bound to a model."""
+    """A `GradientAttributionExperiment` bound to a model.
+
+    Each trace (one forward and one backward pass) holds a batch of facts, one row each
+    (`row_batches`); a plan's layout is, per trace, the examples its rows hold and each
+    row's left-pad offset: {"examples": [...], "offsets": [...]}."""
 
     def __init__(self, experiment: GradientAttributionExperiment, model) -> None:
         super().__init__(experiment, model)
@@ -98,10 +103,9 @@ class CompiledGradientAttribution(CompiledFactExperiment):
         # one site per layer, so layer order is the forward order nnsight requires
         self.layers = sorted(check_layers(experiment.layers, arch))
         self.points = [(f"{experiment.site}.{layer}", resolve_site(experiment.site, layer, arch)) for layer in self.layers]
-        self.rows_per_trace: int | None = None
 
-    def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
-        """Size batches so that one trace (forward, autograd graph, backward) peaks under
+    def rows_for_budget(self, items: list[FactItem], budget: int) -> int:
+        """The facts one trace (forward, autograd graph, backward) may hold to peak under
         `budget` bytes on every device (measured; see `nnexp.tracing.memory`)."""
         tokens = max(len(item.fact.ids) for item in items)
         d = self.model.arch.d_model
@@ -111,23 +115,43 @@ class CompiledGradientAttribution(CompiledFactExperiment):
         per_row = len(self.points) * tokens * (d * width + 8) + 2 * 4 * tokens * d
         if self.experiment.keep_hidden:
             per_row += len(self.points) * tokens * d * 4
-        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, grad=True, kept_per_row=per_row,
-                                              what="gradient attribution of one fact")
-        return self.rows_per_trace
+        return memory.rows_for_budget(self.model, budget, tokens, grad=True, kept_per_row=per_row,
+                                      what="gradient attribution of one fact")
 
-    # -- running -----------------------------------------------------------------
+    # -- planning and decoding ------------------------------------------------------
 
-    def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
-        """One forward + backward trace per batch of at most `max_rows` facts (and at
-        most what the memory budget allows)."""
-        batches = [[item.fact for item in batch] for batch in row_batches(items, tightest(max_rows, self.rows_per_trace))]
-        padded = [left_pad([fact.ids for fact in facts], self.pad_id) for facts in batches]
-        requests = [(input_ids, mask, self.points, self.experiment.metric,
-                     torch.tensor([fact.true_id for fact in facts]), torch.tensor([fact.false_id for fact in facts]))
-                    for facts, (input_ids, mask, _) in zip(batches, padded)]
-        outs = gradients_x_activation(self.model, requests, keep_hidden=self.experiment.keep_hidden)
-        return [record for facts, (_, _, offsets), out in zip(batches, padded, outs)
-                for record in self._records(facts, offsets, out)]
+    def plan(self, items: list[FactItem], row_limit: int | None) -> ChunkPlan:
+        """One forward + backward trace per batch of at most `row_limit` facts (all of
+        `items` when None)."""
+        jobs, layout = [], []
+        for batch in row_batches(items, row_limit):
+            facts = [item.fact for item in batch]
+            input_ids, attention_mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
+            jobs.append(gradient_job(self.model, input_ids, attention_mask, self.points, self.experiment.metric,
+                                     torch.tensor([fact.true_id for fact in facts]),
+                                     torch.tensor([fact.false_id for fact in facts]),
+                                     keep_hidden=self.experiment.keep_hidden))
+            layout.append({"examples": [item.index for item in batch], "offsets": offsets})
+        return ChunkPlan(jobs, layout, row_limit, [item.index for item in items])
+
+    def decode(self, items: list[FactItem], plan: ChunkPlan, values: list) -> list[ExampleRecord]:
+        """Each trace's attributions and target logits -> one record per fact, in item order."""
+        plan.check_values(values)
+        by_index = {item.index: item for item in items}
+        records = []
+        for job, out in zip(plan.layout, values):
+            facts = [by_index[index].fact for index in job["examples"]]
+            self._check_rows(out, len(facts))
+            records += self._records(facts, job["offsets"], out)
+        return records
+
+    def _check_rows(self, out: dict, rows: int) -> None:
+        """Every value of a trace has one row per fact it was planned with, or decoding stops."""
+        per_point = ("raw", "l2", "hidden") if self.experiment.keep_hidden else ("raw", "l2")  # [points, rows, ...]
+        for name in per_point:
+            expect_rows(out[name], rows, f"the attribution {name!r}", dim=1)
+        for name in ("metric", "pair_logits", "pair_probs", "top"):
+            expect_rows(out[name], rows, f"the {name!r} of the trace")
 
     def _records(self, facts: list[TokenizedFact], offsets: list[int], out: dict) -> list[ExampleRecord]:
         logits, probs = out["pair_logits"], out["pair_probs"]  # [rows, 2]: true, false
@@ -162,28 +186,3 @@ class CompiledGradientAttribution(CompiledFactExperiment):
             records.append(ExampleRecord(index=fact.index, tensors=tensors, scalars=scalars, info=info))
         return records
 
-
-# -- views across examples -------------------------------------------------------------
-
-
-def subject_and_last_profile(results, name: str = "attribution") -> dict:
-    """Mean attribution per layer at the last subject token and at the last token,
-    over every stored example (prompts of any length).
-
-    Returns {"layers": [...], "last_subject_token": [L], "last_token": [L], "n": N}.
-    """
-    records = list(results)
-    if not records:
-        raise DataError(f"{results.path} holds no examples")
-    subject, last = [], []
-    for record in records:
-        values = record[name].values
-        end = record.info["subject_tokens"][1]
-        subject.append(values[:, end - 1])
-        last.append(values[:, -1])
-    return {
-        "layers": list(records[0][name].coords["layer"]),
-        "last_subject_token": torch.stack(subject).mean(0),
-        "last_token": torch.stack(last).mean(0),
-        "n": len(records),
-    }

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plotting import heatmap, line_plot, shorten, token_label, write_figures
-from .gradient_attribution import subject_and_last_profile
+from ...plotting import heatmap, line_plot, shorten, token_label, write_figures
+from .summaries import subject_and_last_profile
 
 MEASURES = {
     "attribution": ("gradient x activation, summed over the hidden dimension", "grad × act<br>(sum over hidden)"),

@@ -48,18 +48,19 @@ from pathlib import Path
 
 import torch
 
-from .console import note
-from .errors import ConfigError, ModelError
-from .experiment import Experiment
-from .labelled import LabelledTensor
-from .models.architectures import _get_module
-from .models.norms import NormForm, input_output_matrix
-from .prompts import Prompt, TokenizedPrompt, load_prompts, tokenize_prompt
-from .results import ExampleRecord
-from .sites import HookPoint, resolve_site
-from .tracing.execute import read_positions
-from .tracing.memory import rows_for_budget, tightest
-from .tracing.plan import left_pad, row_batches
+from ...console import note
+from ...contract import ChunkPlan, CompiledExperiment, expect_rows
+from ...errors import ConfigError, ModelError
+from ...experiment import Experiment
+from ...labelled import LabelledTensor
+from ...models.architectures import _get_module
+from ...models.norms import NormForm, input_output_matrix
+from ...prompts import Prompt, TokenizedPrompt, load_prompts, tokenize_prompt
+from ...results import ExampleRecord
+from ...sites import HookPoint, resolve_site
+from ...tracing import memory
+from ...tracing.execute import positions_job
+from ...tracing.plan import left_pad, row_batches
 
 ANALYSES = ("logit_lens", "dla_layers", "dla_heads")
 
@@ -103,7 +104,7 @@ class LogitAttributionExperiment(Experiment):
         return CompiledLogitAttribution(self, model)
 
     def figures(self, results, out_dir: Path) -> list[Path]:
-        from .logit_figures import logit_attribution_figures
+        from .figures import logit_attribution_figures
 
         return logit_attribution_figures(self, results, out_dir)
 
@@ -117,12 +118,14 @@ class _Item:
         return self.prompt.index
 
 
-class CompiledLogitAttribution:
-    """A `LogitAttributionExperiment` bound to a model: its read-out maps, ready to run."""
+class CompiledLogitAttribution(CompiledExperiment):
+    """A `LogitAttributionExperiment` bound to a model: its read-out maps, ready to run.
+
+    Each trace holds a batch of prompts, one row each (`row_batches`); a plan's layout
+    is, per trace, the indices of the examples its rows hold, in row order."""
 
     def __init__(self, experiment: LogitAttributionExperiment, model) -> None:
-        self.experiment = experiment
-        self.model = model
+        super().__init__(experiment, model)
         arch = model.arch
         spec = arch.spec
         hf = model.hf
@@ -149,7 +152,6 @@ class CompiledLogitAttribution:
                 f"{model.name} caps its logits (final_logit_softcapping={self.softcap}); the decomposition "
                 "explains the logit difference before the cap, and is checked against that"
             )
-        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
         # What to read at the last position, in the order the forward pass makes it.
         points: list[tuple[str, HookPoint]] = []
@@ -184,17 +186,15 @@ class CompiledLogitAttribution:
                             + [f"{layer}_attn_bias" for layer in range(self.n_layers)]
                             + [f"{layer}_mlp_out" for layer in range(self.n_layers)] + ["bias"])
 
-    # -- preparing and running ------------------------------------------------------
+    # -- preparing and planning -----------------------------------------------------
 
     def prepare(self, example, index: int) -> _Item:
         if not isinstance(example, Prompt):
             example = Prompt.from_pair(example)
         return _Item(tokenize_prompt(self.model.tokenizer, example, index))
 
-    rows_per_trace: int | None = None  # set by a memory budget
-
-    def set_memory_budget(self, items: list[_Item], budget: int) -> int:
-        """Cap the prompts per trace so that a trace, and the read-out of what it
+    def rows_for_budget(self, items: list[_Item], budget: int) -> int:
+        """The prompts one trace may hold so that the trace, and the read-out of what it
         returns, peak under `budget` bytes on every device."""
         d = self.W_U.shape[1]
         layers = self.n_layers
@@ -205,20 +205,38 @@ class CompiledLogitAttribution:
         per_row = 2 * saved + 4 * d * (5 * layers + 1 + (2 * layers * self.n_heads if self.heads else 0))
         fixed = 2 * 4 * (2 * layers + 1) * self.W_U.shape[0] if "logit_lens" in self.experiment.analyses else 0
         tokens = max(len(item.prompt.ids) for item in items)
-        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, kept_per_row=saved, readout=(fixed, per_row),
-                                              what="logit attribution of one prompt")
-        return self.rows_per_trace
+        return memory.rows_for_budget(self.model, budget, tokens, kept_per_row=saved, readout=(fixed, per_row),
+                                      what="logit attribution of one prompt")
 
-    def run(self, items: list[_Item], max_rows: int | None = None) -> list[ExampleRecord]:
-        """One trace per batch of at most `max_rows` prompts (all of `items` by default,
-        or what the memory budget allows)."""
-        batches = row_batches(items, tightest(max_rows, self.rows_per_trace))
-        # of the model's own logits only the answer's and the foil's leave the trace
-        requests = [left_pad([item.prompt.ids for item in batch], self.pad_id)[:2]
-                    + (self.points, None, torch.tensor([[item.prompt.answer_id, item.prompt.foil_id] for item in batch]))
-                    for batch in batches]
-        read = read_positions(self.model, requests)
-        return [record for batch, (saved, logits) in zip(batches, read) for record in self._records(batch, saved, logits)]
+    def plan(self, items: list[_Item], row_limit: int | None) -> ChunkPlan:
+        """One trace per batch of at most `row_limit` prompts (all of `items` when None),
+        reading every point at the last position."""
+        batches = row_batches(items, row_limit)
+        jobs = []
+        for batch in batches:
+            input_ids, attention_mask, _ = left_pad([item.prompt.ids for item in batch], self.pad_id)
+            # of the model's own logits only the answer's and the foil's leave the trace
+            pair = torch.tensor([[item.prompt.answer_id, item.prompt.foil_id] for item in batch])
+            jobs.append(positions_job(input_ids, attention_mask, self.points, None, pair))
+        layout = [[item.index for item in batch] for batch in batches]
+        return ChunkPlan(jobs, layout, row_limit, [item.index for item in items])
+
+    # -- decoding -----------------------------------------------------------------------
+
+    def decode(self, items: list[_Item], plan: ChunkPlan, values: list) -> list[ExampleRecord]:
+        """Each trace's points and answer/foil logits -> one record per prompt, in item order."""
+        plan.check_values(values)
+        by_index = {item.index: item for item in items}
+        records = []
+        for indices, read in zip(plan.layout, values):
+            batch = [by_index[index] for index in indices]
+            saved = dict(read)
+            logits = expect_rows(saved.pop("__logits__"), len(batch), "the answer and foil logits")
+            for key, value in saved.items():
+                if value.shape[0] != 1:  # a position embedding may come back as one row that broadcasts
+                    expect_rows(value, len(batch), f"the activation {key!r}")
+            records += self._records(batch, saved, logits)
+        return records
 
     @torch.no_grad()
     def _records(self, items: list[_Item], saved: dict, logits: torch.Tensor) -> list[ExampleRecord]:
