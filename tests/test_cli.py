@@ -14,15 +14,9 @@ import pytest
 import torch
 
 import nnexp
-from nnexp_experiments.ioi import generate_ioi
 from nnexp.store import RunDirectory
-
-NNEXP = [str(Path(sys.executable).with_name("nnexp"))] if Path(sys.executable).with_name("nnexp").exists() else [sys.executable, "-m", "nnexp.cli"]
-
-
-def cli(*args, cwd=None, env=None, timeout=300):
-    return subprocess.run(NNEXP + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+from nnexp_experiments.ioi import generate_ioi
+from tests.helpers import NNEXP, cli
 
 
 def write_pairs(path: Path, pairs) -> Path:

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import nnexp
-from tests.conftest import make_gpt2_tokenizer
-from tests.test_backends import assert_same_records, family_experiments
+from tests.helpers import assert_same_records, kind_experiments, make_gpt2_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,7 +43,7 @@ def test_cuda_equals_cpu(name, device, shape, tmp_path_factory):
     gpu = nnexp.load_model(folder, device=device)
     assert gpu.device.type == "cuda"
     out = tmp_path_factory.mktemp(f"{name}-{shape}-{device}")
-    experiment = family_experiments(out, cpu.tokenizer)[name]
+    experiment = kind_experiments(out, cpu.tokenizer)[name]
     on_cpu = nnexp.run(experiment, cpu, out=out / "cpu", limit=2, figures=False)
     on_gpu = nnexp.run(experiment, gpu, out=out / "gpu", limit=2, figures=False)
     assert_same_records(list(on_cpu), list(on_gpu), exact=False)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from nnexp_experiments.ioi import NAMES, TEMPLATES, classic_ioi, generate_ioi
 from nnexp import DataError, PromptPair, load_prompt_pairs
 from nnexp.data import tokenize_pair
-from tests.conftest import make_gpt2_tokenizer
+from nnexp_experiments.ioi import NAMES, TEMPLATES, classic_ioi, generate_ioi
+from tests.helpers import make_gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import subprocess
 import pytest
 
 import nnexp
-from nnexp_experiments.ioi import classic_ioi
-from nnexp_experiments.ioi_patching import IOIPatching
 from nnexp.kinds.patching.figures import _site_figure
 from nnexp.plotting import group_position_labels, heatmap, png_available
+from nnexp_experiments.ioi import classic_ioi
+from nnexp_experiments.ioi_patching import IOIPatching
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

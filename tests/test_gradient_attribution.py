@@ -11,28 +11,11 @@ import pytest
 import torch
 
 import nnexp
-from nnexp.counterfact import Fact, builtin_facts
+from nnexp.counterfact import Fact
 from nnexp.errors import ConfigError, DataError, ModelError
 from nnexp.kinds.gradient_attribution import GradientAttributionExperiment, subject_and_last_profile
-from tests.conftest import make_gpt2_tokenizer, tiny_model
 from tests.gradient_reference import reference
-
-
-def gpt2_facts(tokenizer, n: int) -> list[Fact]:
-    """Built-in facts whose targets are single GPT-2 tokens, of varied prompt lengths."""
-    from nnexp.kinds.facts import tokenize_fact
-
-    out = []
-    for i, fact in enumerate(builtin_facts()):
-        try:
-            tokenize_fact(tokenizer, fact, i)
-        except DataError:
-            continue
-        out.append(fact)
-    out.sort(key=lambda f: len(tokenizer(f.prompt).input_ids))
-    picked = out[:: max(1, len(out) // n)][:n]  # short to long: the batch needs padding
-    assert len({len(tokenizer(f.prompt).input_ids) for f in picked}) >= min(3, n)
-    return picked
+from tests.helpers import assert_close_relative, gpt2_facts, make_gpt2_tokenizer, tiny_model
 
 
 def run_records(model, facts, **params):
@@ -40,13 +23,6 @@ def run_records(model, facts, **params):
     compiled = experiment.compile(model)
     items = compiled.select([compiled.prepare(f, i) for i, f in enumerate(facts)], 16)
     return compiled.run(items, max_rows=params.get("max_rows"))
-
-
-def assert_close_relative(actual, expected, what, rtol=1e-4):
-    scale = expected.abs().max()
-    assert scale > 0, f"{what}: the reference is all zeros, so the comparison would prove nothing"
-    error = (actual - expected).abs().max()
-    assert error <= rtol * scale, f"{what}: max |nnexp - reference| = {error:.3g}, {error / scale:.3g} of the scale {scale:.3g}"
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3_text"])
@@ -75,7 +51,7 @@ def test_matches_independent_autograd(family_model, site, metric):
 
 
 def test_one_forward_and_backward_per_batch_and_frozen_parameters(gpt2_tiny, monkeypatch):
-    from tests.conftest import count_traces
+    from tests.helpers import count_traces
 
     calls = count_traces(gpt2_tiny, monkeypatch)
     facts = gpt2_facts(gpt2_tiny.tokenizer, 8)
@@ -93,7 +69,7 @@ def test_one_forward_and_backward_per_batch_and_frozen_parameters(gpt2_tiny, mon
 
 def test_memory_budget_sizes_the_batches(gpt2_tiny, monkeypatch):
     from nnexp.tracing.memory import parse_bytes, row_cost
-    from tests.conftest import count_traces
+    from tests.helpers import count_traces
 
     assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes(1000) == 1000
     with pytest.raises(ConfigError, match="write it like 2GB"):
@@ -111,7 +87,6 @@ def test_memory_budget_sizes_the_batches(gpt2_tiny, monkeypatch):
     assert calls == [rows] * (8 // rows) + ([8 % rows] if 8 % rows else [])
     with pytest.raises(ConfigError, match="below what gradient attribution of one fact needs"):
         compiled.rows_for_budget(items, 1000)
-
 
 
 def test_multi_token_targets_subjects_and_bad_parameters(gpt2_tiny):
@@ -155,7 +130,7 @@ def test_only_correct_keeps_the_facts_the_model_predicts(gpt2_tiny):
 def test_eight_bit_loading_without_cuda_is_a_clear_error(tiny_gpt2_folder):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; 8-bit loading is checked on GPU machines by hand (see README)")
-    from tests.test_cli import cli
+    from tests.helpers import cli
 
     with pytest.raises(ModelError, match="8-bit loading .* runs on CUDA GPUs only"):
         nnexp.load_model(str(tiny_gpt2_folder), load_in_8bit=True)
@@ -164,7 +139,7 @@ def test_eight_bit_loading_without_cuda_is_a_clear_error(tiny_gpt2_folder):
 
 
 def test_cli_run_resume_figures(tmp_path, tiny_gpt2_folder):
-    from tests.test_cli import cli
+    from tests.helpers import cli
 
     facts = gpt2_facts(make_gpt2_tokenizer(), 6)
     data = tmp_path / "facts.jsonl"

@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 
 from nnexp.counterfact import builtin_facts
 from nnexp.kinds.gradient_attribution import GradientAttributionExperiment
-from tests.conftest import save_tiny_model
+from tests.helpers import assert_close_relative, gpt2_facts, save_tiny_model
 from tests.inseq_env import inseq_python
-from tests.test_gradient_attribution import assert_close_relative, gpt2_facts
 
 ORACLE = __import__("pathlib").Path(__file__).with_name("inseq_oracle.py")
 METRICS = ["contrast_prob_diff", "contrast_logits_diff"]

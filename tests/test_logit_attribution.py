@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import nnexp
-from nnexp_experiments.ioi import classic_ioi
-from nnexp_experiments.logit_attribution import DLAHeads, LogitAttribution
 from nnexp import ArchSpec, ConfigError, DataError, ModelError
 from nnexp.kinds.logit_attribution import LogitAttributionExperiment
 from nnexp.models.architectures import ARCHITECTURES
 from nnexp.models.norms import NormForm
 from nnexp.prompts import Prompt, load_prompts
-from tests.conftest import FAMILIES, tiny_model
+from nnexp_experiments.ioi import classic_ioi
+from nnexp_experiments.logit_attribution import DLAHeads, LogitAttribution
+from tests.helpers import FAMILIES, randomise_norms_and_biases, tiny_model
 from tests.logit_reference import reference
 
 PROMPTS = [
@@ -28,17 +28,6 @@ PROMPTS = [
     Prompt("Then, Tom and James had a long argument. Afterwards Tom said to", " James", " Tom"),
     Prompt("The capital of France is", " Paris", " London"),
 ]
-
-
-def randomise_norms_and_biases(model, seed: int = 1):
-    """Random models start with zero biases and unit norms; perturb them so that
-    centring, norm weights and every bias term matter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.hf.named_parameters():
-            if name.endswith("bias") or "norm" in name or ".ln" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    return model
 
 
 def run_records(model, experiment=None, prompts=PROMPTS, max_rows=None):
@@ -110,7 +99,7 @@ def test_missing_post_norms_are_caught_loudly(monkeypatch, capsys):
 
 
 def test_one_trace_per_batch(gpt2_tiny, monkeypatch):
-    from tests.conftest import count_traces
+    from tests.helpers import count_traces
 
     calls = count_traces(gpt2_tiny, monkeypatch)
     prompts = [Prompt.from_pair(p) for p in classic_ioi()]
@@ -164,7 +153,7 @@ def test_norms_that_are_not_layernorm_or_rmsnorm_are_refused():
 
 
 def test_cli_run_figures_and_reload(tmp_path, tiny_gpt2_folder):
-    from tests.test_cli import cli
+    from tests.helpers import cli
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(p.to_json()) + "\n" for p in PROMPTS))

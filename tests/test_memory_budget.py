@@ -15,8 +15,7 @@ import torch
 import nnexp
 from nnexp.errors import ConfigError
 from nnexp.tracing.memory import parse_bytes, peak_memory, row_cost
-from tests.conftest import count_traces, tiny_model
-from tests.test_backends import FAMILIES, family_experiments
+from tests.helpers import KINDS, count_traces, kind_experiments, tiny_model
 
 MiB = 2**20
 
@@ -60,10 +59,10 @@ def test_row_cost_grows_with_rows_and_tokens():
     assert gradient.per_row["cpu"] > long.per_row["cpu"]  # the autograd graph
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", KINDS)
 def test_budget_splits_traces_keeps_the_peak_under_it_and_the_numbers(name, tmp_path, monkeypatch):
     model = tiny_model("gpt2")
-    experiment = family_experiments(tmp_path, model.tokenizer)[name]
+    experiment = kind_experiments(tmp_path, model.tokenizer)[name]
     if name == "logit-attribution":
         # the logit lens's read-out, one [points, vocab] at a time, is most of this tiny
         # model's peak and no split can lower it: split the decompositions
@@ -94,7 +93,7 @@ def test_recorded_traces_counts_each_trace_and_restores_the_executor(tmp_path):
     from nnexp.tracing.jobs import recorded_traces
 
     model = tiny_model("gpt2")
-    experiment = family_experiments(tmp_path, model.tokenizer)["ioi-patching"]
+    experiment = kind_experiments(tmp_path, model.tokenizer)["patching"]
     with recorded_traces(model) as outer:
         nnexp.run(experiment, model, out=tmp_path / "apart", limit=2, examples_per_trace=1, figures=False)
         with recorded_traces(model) as inner:
@@ -120,7 +119,7 @@ def assert_same_numbers(whole, split):
 
 def test_budget_too_small_for_one_trace_says_so(tmp_path):
     model = tiny_model("gpt2")
-    experiment = family_experiments(tmp_path, model.tokenizer)["ioi-patching"]
+    experiment = kind_experiments(tmp_path, model.tokenizer)["patching"]
     with pytest.raises(ConfigError, match="memory budget .* is below what a patching trace .* needs.*raise --memory-budget"):
         nnexp.run(experiment, model, out=tmp_path / "run", limit=1, memory_budget="10kB", figures=False)
     with pytest.raises(ConfigError, match="is not a size"):

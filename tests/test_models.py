@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from nnexp_experiments.ioi import ioi_pair
 from nnexp import ModelError, PatchingExperiment, load_model, wrap_model
 from nnexp.models import aliases
-from tests.conftest import REPO, make_gpt2_tokenizer, tiny_hf_model
+from nnexp_experiments.ioi import ioi_pair
+from tests.helpers import REPO, make_gpt2_tokenizer, tiny_hf_model
 from tests.reference import patching_sweep
 
 

@@ -35,7 +35,7 @@ from nnsight.schema.config import CONFIG
 
 import nnexp.metrics
 from nnexp.metrics import logit_diff
-from tests.conftest import make_gpt2_tokenizer, tiny_hf_model
+from tests.helpers import make_gpt2_tokenizer, tiny_hf_model
 from tests.ndif_fixture import SERVER_SCRIPT, ndif_server_fixture, remote_model_key, reset_between
 
 REPO_ID = "test/tiny-gpt2"

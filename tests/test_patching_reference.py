@@ -10,52 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnexp_experiments.ioi import generate_ioi, ioi_pair
 from nnexp import PatchingExperiment, PromptPair
-from tests.reference import patching_sweep
+from nnexp_experiments.ioi import generate_ioi, ioi_pair
+from tests.helpers import check_against_reference, nnexp_records
 
 ALL_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
-TOL = 1e-4
-
-
-def nnexp_records(model, experiment, examples, max_rows=None, per_trace=None):
-    compiled = experiment.compile(model)
-    items = [compiled.prepare(example, i) for i, example in enumerate(examples)]
-    per_trace = per_trace or len(items)
-    records = []
-    for start in range(0, len(items), per_trace):
-        records += compiled.run(items[start : start + per_trace], max_rows=max_rows)
-    return records
-
-
-def check_against_reference(model, experiment, examples, **run_options):
-    records = nnexp_records(model, experiment, examples, **run_options)
-    compiled = experiment.compile(model)
-    worst = 0.0
-    for record, example in zip(records, examples):
-        pair = compiled.prepare(example, record.index).pair
-        ref = patching_sweep(
-            model.hf, pair.clean_ids, pair.corrupted_ids, pair.answer_id, pair.foil_id,
-            sites=experiment.sites, layers=compiled.layers, heads=compiled.heads,
-            positions=experiment.positions, head_positions=experiment.head_positions,
-            metric=experiment.metric,
-        )
-        assert abs(record.scalars["clean"] - ref["clean"]) <= TOL
-        assert abs(record.scalars["corrupted"] - ref["corrupted"]) <= TOL
-        for site in experiment.sites:
-            ours = record[f"{site}.patched"].values
-            assert ours.shape == ref[site].shape, (site, ours.shape, ref[site].shape)
-            diff = (ours - ref[site]).abs().max().item()
-            worst = max(worst, diff)
-            assert diff <= TOL, f"{site}: max abs diff {diff}"
-            # the normalised effect is (patched - corrupted) / (clean - corrupted) of those numbers
-            clean, corrupted = record.scalars["clean"], record.scalars["corrupted"]
-            if abs(clean - corrupted) < 1e-6:  # undefined: nnexp reports NaN
-                expected = torch.full_like(ours, float("nan"))
-            else:
-                expected = (ours - corrupted) / (clean - corrupted)
-            assert torch.allclose(record[site].values, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
-    return records, worst
 
 
 @pytest.mark.parametrize("fixture", ["gpt2_tiny", "llama_tiny"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nnexp import PatchingExperiment, PromptPair
-from tests.test_patching_reference import check_against_reference
+from tests.helpers import check_against_reference
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +124,8 @@ def test_gemma3_logit_attribution(gemma3):
 
 
 def _counterfact_attribution(model, tmp_path):
-    from nnexp_experiments.counterfact_attribution import CounterFactAttribution
     from nnexp import run
+    from nnexp_experiments.counterfact_attribution import CounterFactAttribution
 
     return run(CounterFactAttribution(only_correct=True), model, out=tmp_path / "run", figures=False)
 

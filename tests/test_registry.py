@@ -128,3 +128,17 @@ def test_plugin_entry_points_are_loaded():
 
     names = {entry.name: entry.value for entry in entry_points(group="nnexp.plugins")}
     assert names.get("experiments") == "nnexp_experiments"
+
+
+def test_every_kind_has_an_oracle_and_a_place_in_the_matrices(tmp_path):
+    from tests.helpers import KIND_ORACLES, kind_experiments, make_gpt2_tokenizer
+
+    kinds = set(nnexp.KINDS.names())
+    assert kinds == set(KIND_ORACLES), f"kinds without an oracle comparison: {sorted(kinds - set(KIND_ORACLES))}"
+    experiments = kind_experiments(tmp_path, make_gpt2_tokenizer())
+    assert kinds == set(experiments), "kinds missing from the test matrices (tests/helpers.py kind_experiments)"
+    for kind, oracle in KIND_ORACLES.items():
+        path, _, test = oracle.partition("::")
+        tree = ast.parse((REPO / path).read_text())
+        assert test in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, (kind, oracle)
+        assert isinstance(experiments[kind], nnexp.KINDS.get(kind)), kind

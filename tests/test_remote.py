@@ -22,9 +22,8 @@ import nnexp
 from nnexp import console
 from nnexp.remote import RemoteRunError
 from nnexp.store import RunDirectory
-from tests.conftest import REPO, make_gpt2_tokenizer, tiny_hf_model
+from tests.helpers import KINDS, REPO, assert_same_records, kind_experiments, make_gpt2_tokenizer, tiny_hf_model
 from tests.ndif_fixture import start_ndif_server
-from tests.test_backends import FAMILIES, assert_same_records, family_experiments
 
 SERVED = "test/tiny-gpt2"
 SECRET = "sk-nnexp-test-0123456789"
@@ -57,12 +56,12 @@ def chunk_jobs(server) -> list[dict]:
     return [job for job in server.stats()["jobs"] if job["session"] or job["status"] != "ERROR"]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", KINDS)
 def test_every_family_remote_equals_local(name, ndif, tmp_path):
     local_model = nnexp.load_model(str(ndif.folder))
     model = remote_model(ndif)
     assert all(p.is_meta for p in model.hf.transformer.h.parameters())  # no weights loaded here
-    experiment = family_experiments(tmp_path, local_model.tokenizer)[name]
+    experiment = kind_experiments(tmp_path, local_model.tokenizer)[name]
     local = nnexp.run(experiment, local_model, out=tmp_path / "local", limit=3, figures=False)
     remote = nnexp.run(experiment, model, out=tmp_path / "remote", limit=3, figures=False)
     assert_same_records(list(local), list(remote))
@@ -78,13 +77,13 @@ def test_every_family_remote_equals_local(name, ndif, tmp_path):
     assert spec["model"]["source"]["kind"] == "remote"
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", KINDS)
 def test_collected_with_other_options_decodes_as_submitted(name, ndif, tmp_path):
     """A chunk submitted under one row limit and collected by a command with another
     (and a smaller --limit) is decoded with the layout it was planned with: every
     example of the job is stored, with a local run's numbers."""
     local_model = nnexp.load_model(str(ndif.folder))
-    experiment = family_experiments(tmp_path, local_model.tokenizer)[name]
+    experiment = kind_experiments(tmp_path, local_model.tokenizer)[name]
     # the local run traces the same rows together (batch composition changes float rounding)
     local = nnexp.run(experiment, local_model, out=tmp_path / "local", limit=3, max_rows=9, examples_per_trace=3,
                       figures=False)
@@ -101,7 +100,7 @@ def test_collected_with_other_options_decodes_as_submitted(name, ndif, tmp_path)
 def test_a_job_planned_otherwise_is_refused(ndif, tmp_path):
     from nnexp.errors import ResultsError
 
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     out = tmp_path / "run"
     nnexp.run(experiment, remote_model(ndif), out=out, limit=1, max_rows=9, figures=False, wait=False)
     jobs = json.loads((out / "jobs.json").read_text())
@@ -115,7 +114,7 @@ def test_a_job_planned_otherwise_is_refused(ndif, tmp_path):
 
 def test_inline_and_downloaded_results_and_log_messages(ndif, tmp_path, capsys):
     console.set_quiet(False)  # notes carry the server's LOG messages
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     inline = nnexp.run(experiment, remote_model(ndif), out=tmp_path / "a", limit=2, figures=False)
     assert {job["delivery"] for job in ndif.stats()["jobs"]} == {"inline"}
     before = len(ndif.stats()["jobs"])
@@ -130,7 +129,7 @@ def test_inline_and_downloaded_results_and_log_messages(ndif, tmp_path, capsys):
 
 
 def test_server_error_is_clear_and_not_retried(ndif, tmp_path):
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     ndif.control(error_jobs=1)
     with pytest.raises(RemoteRunError, match="the request failed on the server: .*simulated server error"):
         nnexp.run(experiment, remote_model(ndif), out=tmp_path / "run", limit=2, figures=False)
@@ -140,7 +139,7 @@ def test_server_error_is_clear_and_not_retried(ndif, tmp_path):
 @pytest.mark.parametrize("fault", [{"fail_requests": 2}, {"drop_jobs": 1}, {"hang_jobs": 1}])
 def test_transient_faults_are_retried(fault, ndif, tmp_path, capsys):
     console.set_quiet(False)  # the retries are announced in notes
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     expected = nnexp.run(experiment, nnexp.load_model(str(ndif.folder)), out=tmp_path / "local", limit=1, figures=False)
     ndif.control(**fault)
     model = remote_model(ndif, timeout=3)
@@ -154,7 +153,7 @@ def test_transient_faults_are_retried(fault, ndif, tmp_path, capsys):
 
 
 def test_outage_keeps_finished_examples_and_resumes(ndif, tmp_path):
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]  # 2 examples
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]  # 2 examples
     model = remote_model(ndif)
     calls = {"n": 0}
     real = model.executor.run
@@ -187,7 +186,7 @@ def test_unreachable_server(tmp_path):
     make_gpt2_tokenizer().save_pretrained(folder)
     model = nnexp.load_model(str(folder), backend="remote", remote_model=SERVED, host=f"http://127.0.0.1:{port}",
                              retries=1, backoff=0.01)
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     with pytest.raises(RemoteRunError, match=r"failed 2 times: cannot reach the server"):
         nnexp.run(experiment, model, out=tmp_path / "run", limit=1, figures=False)
 
@@ -195,7 +194,7 @@ def test_unreachable_server(tmp_path):
 def test_rejected_key_never_shows_the_key(ndif, tmp_path, monkeypatch):
     ndif.control(api_key="the-right-key")
     monkeypatch.setenv("NDIF_API_KEY", SECRET)
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     with pytest.raises(RemoteRunError, match="rejected the API key") as error:
         nnexp.run(experiment, remote_model(ndif), out=tmp_path / "run", limit=1, figures=False)
     assert SECRET not in str(error.value)
@@ -209,14 +208,14 @@ def test_rejected_key_never_shows_the_key(ndif, tmp_path, monkeypatch):
 
 def test_version_mismatch_is_clear(ndif, tmp_path):
     ndif.control(nnsight_version="0.0.1")
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     with pytest.raises(RemoteRunError, match=r"refuses this client's version .*nnexp pins nnsight==0\.8\.1"):
         nnexp.run(experiment, remote_model(ndif), out=tmp_path / "run", limit=1, figures=False)
 
 
 def test_results_from_another_host_are_refused(ndif, tmp_path):
     ndif.control(results="url", result_url_base="http://127.0.0.2:9")
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["ioi-patching"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["patching"]
     with pytest.raises(RemoteRunError, match=r"download from http://127\.0\.0\.2:9, another host.*--trust-result-host"):
         nnexp.run(experiment, remote_model(ndif), out=tmp_path / "run", limit=1, figures=False)
 
@@ -226,7 +225,7 @@ def test_folder_needs_a_remote_id_and_budget_is_local_only(ndif, tmp_path):
 
     with pytest.raises(ModelError, match="--remote-model owner/name"):
         nnexp.load_model(str(ndif.folder), backend="remote", host=ndif.url)
-    experiment = family_experiments(tmp_path, make_gpt2_tokenizer())["counterfact-attribution"]
+    experiment = kind_experiments(tmp_path, make_gpt2_tokenizer())["gradient-attribution"]
     with pytest.raises(ConfigError, match="bound its traces with --max-rows"):
         nnexp.run(experiment, remote_model(ndif), out=tmp_path / "run", memory_budget="1GB", figures=False)
 
@@ -255,7 +254,7 @@ def test_cli_submit_without_waiting_then_fetch(ndif, tmp_path):
     assert (out / "figures" / "example-0000-resid_post.html").exists()
     from nnexp.registry import EXPERIMENTS
 
-    local = nnexp.run(EXPERIMENTS["ioi-patching"](sites=("resid_post",)), nnexp.load_model(str(ndif.folder)),
+    local = nnexp.run(EXPERIMENTS["patching"](sites=("resid_post",)), nnexp.load_model(str(ndif.folder)),
                       out=tmp_path / "local", limit=3, figures=False)
     assert_same_records(list(local), list(nnexp.load_results(out)))
     assert len(ndif.stats()["jobs"]) == 3  # each chunk computed once

@@ -23,10 +23,10 @@ import copy
 import pytest
 import torch
 
-from nnexp_experiments.ioi import classic_ioi
 from nnexp.kinds.logit_attribution import LogitAttributionExperiment
 from nnexp.prompts import Prompt
-from tests.test_logit_attribution import randomise_norms_and_biases, run_records
+from nnexp_experiments.ioi import classic_ioi
+from tests.helpers import nnexp_records, randomise_norms_and_biases
 
 transformer_lens = pytest.importorskip("transformer_lens", reason="pip install -e '.[test]' installs TransformerLens")
 
@@ -80,7 +80,7 @@ def assert_parity(records, references, n_heads):
 def test_random_gpt2_matches_transformer_lens(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     model = randomise_norms_and_biases(tiny_model("gpt2"))
     model.hf.save_pretrained(tmp_path)
@@ -88,7 +88,7 @@ def test_random_gpt2_matches_transformer_lens(tmp_path):
     # TransformerLens folds weights in place: it gets its own copy of the same weights
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     references = transformer_lens_values(tmp_path, hf, model.tokenizer, PROMPTS)
-    records = run_records(model, LogitAttributionExperiment(), prompts=PROMPTS)  # one padded trace
+    records = nnexp_records(model, LogitAttributionExperiment(), PROMPTS)  # one padded trace
     assert any(abs(float(ref["dla_layers"][-1])) > 1e-3 for ref in references)  # the bias term is exercised
     assert_parity(records, references, n_heads=4)
 
@@ -100,5 +100,5 @@ def test_smollm2_matches_transformer_lens(smollm2):
     folder = alias_folder("smollm2-135m")
     hf = copy.deepcopy(smollm2.hf)
     references = transformer_lens_values(folder, hf, smollm2.tokenizer, PROMPTS)
-    records = run_records(smollm2, LogitAttributionExperiment(), prompts=PROMPTS)
+    records = nnexp_records(smollm2, LogitAttributionExperiment(), PROMPTS)
     assert_parity(records, references, n_heads=9)
