@@ -224,7 +224,7 @@ def run(model, args, folder):
     for title, options in (SWEEPS[name] for name in args.sweeps):
         compiled = PatchingExperiment(**options).compile(model)
         item = compiled.prepare(PAIR, 0)
-        [(_, plan)] = compiled.plans([item])
+        [plan], _ = compiled.trace_plans([item], None)
         reference = run_plan(model, plan)
         contenders = {
             FLOOR: partial(floor, model, plan),

@@ -11,6 +11,8 @@ from nnexp.data import tokenize_pair
 from nnexp_experiments.ioi import NAMES, TEMPLATES, classic_ioi, generate_ioi
 from tests.helpers import make_gpt2_tokenizer
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def tok():

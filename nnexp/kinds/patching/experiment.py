@@ -46,6 +46,7 @@ from ...results import ExampleRecord
 from ...sites import check_heads, check_layers, check_site, is_per_head, resolve_site
 from ...tracing.execute import plan_job
 from ...tracing.memory import rows_for_budget
+from ...tracing.plan import TracePlan
 from ...tracing.runs import Run, RunEdit, build_plan, pack_runs
 
 
@@ -218,8 +219,8 @@ class CompiledPatching(CompiledExperiment):
             variants.append(Run([edit], ids=pair.corrupted_ids))
         return [Run(ids=pair.clean_ids), Run(ids=pair.corrupted_ids)], variants
 
-    def plan(self, items: list[_Item], row_limit: int | None) -> ChunkPlan:
-        """The sweeps of `items` in as few traces as `row_limit` allows. Layout: per trace,
+    def trace_plans(self, items: list[_Item], row_limit: int | None) -> tuple[list[TracePlan], list]:
+        """The trace plans of `items` under `row_limit` rows, and the layout: per trace,
         per example in it, [example index, first row, the cells its patched rows hold]."""
         if row_limit is not None and row_limit < 3:
             raise ConfigError(f"max_rows is {row_limit}; a trace needs at least 3 rows (clean, corrupted, one "
@@ -229,13 +230,18 @@ class CompiledPatching(CompiledExperiment):
             base, variants = self._runs(item)
             examples.append((item.index, item.pair.clean_ids, item.pair.answer_id, item.pair.foil_id, base, variants))
         cells = {item.index: item.run_cells for item in items}
-        jobs, layout = [], []
+        plans, layout = [], []
         for trace in pack_runs(examples, row_limit):
             plan, firsts = build_plan(trace, self.pad_id, self.experiment.metric)
-            jobs.append(plan_job(plan))
+            plans.append(plan)
             layout.append([[group.key, first, [cells[group.key][v] for v in group.variants]]
                            for group, first in zip(trace, firsts)])
-        return ChunkPlan(jobs, layout, row_limit, [item.index for item in items])
+        return plans, layout
+
+    def plan(self, items: list[_Item], row_limit: int | None) -> ChunkPlan:
+        """The sweeps of `items` in as few traces as `row_limit` allows."""
+        plans, layout = self.trace_plans(items, row_limit)
+        return ChunkPlan([plan_job(plan) for plan in plans], layout, row_limit, [item.index for item in items])
 
     def decode(self, items: list[_Item], plan: ChunkPlan, values: list) -> list[ExampleRecord]:
         plan.check_values(values)
