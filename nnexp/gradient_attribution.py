@@ -38,7 +38,7 @@ from typing import ClassVar
 import torch
 
 from .errors import ConfigError, DataError
-from .fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
+from .kinds.facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 from .labelled import LabelledTensor
 from .metrics import get_metric
 from .results import ExampleRecord

@@ -39,7 +39,7 @@ def test_the_builtin_set():
 def test_builtin_targets_are_single_tokens_for_both_builtin_models(alias):
     from transformers import AutoTokenizer
 
-    from nnexp.fact_experiment import tokenize_fact
+    from nnexp.kinds.facts import tokenize_fact
     from nnexp.models.aliases import alias_folder
 
     tokenizer = AutoTokenizer.from_pretrained(alias_folder(alias))

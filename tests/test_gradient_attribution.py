@@ -20,7 +20,7 @@ from tests.gradient_reference import reference
 
 def gpt2_facts(tokenizer, n: int) -> list[Fact]:
     """Built-in facts whose targets are single GPT-2 tokens, of varied prompt lengths."""
-    from nnexp.fact_experiment import tokenize_fact
+    from nnexp.kinds.facts import tokenize_fact
 
     out = []
     for i, fact in enumerate(builtin_facts()):

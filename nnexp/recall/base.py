@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..fact_experiment import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
+from ..kinds.facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 from ..results import ExampleRecord
 from ..tracing.execute import run_plans
 from ..tracing.memory import row_cost, rows_for_budget, tightest

@@ -37,7 +37,7 @@ import torch
 
 from ..console import note
 from ..errors import ConfigError
-from ..fact_experiment import FactItem, TokenizedFact
+from ..kinds.facts import FactItem, TokenizedFact
 from ..labelled import LabelledTensor
 from ..results import ExampleRecord
 from ..sites import check_layers, embedding_point, resolve_site

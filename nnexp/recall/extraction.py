@@ -34,7 +34,7 @@ import torch
 
 from ..data import token_strings
 from ..errors import ConfigError, DataError
-from ..fact_experiment import FactItem, TokenizedFact
+from ..kinds.facts import FactItem, TokenizedFact
 from ..labelled import LabelledTensor
 from ..models.architectures import _get_module
 from ..results import ExampleRecord

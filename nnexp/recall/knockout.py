@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
-from ..fact_experiment import TokenizedFact
+from ..kinds.facts import TokenizedFact
 from ..labelled import LabelledTensor
 from ..results import ExampleRecord
 from ..sites import attention_mask_point, check_layers

@@ -26,7 +26,7 @@ import torch
 
 from ..console import note
 from ..errors import ConfigError
-from ..fact_experiment import FactItem, TokenizedFact
+from ..kinds.facts import FactItem, TokenizedFact
 from ..labelled import LabelledTensor
 from ..results import ExampleRecord
 from ..sites import check_layers, resolve_site

@@ -18,14 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .console import note
-from .counterfact import Fact, load_counterfact, load_facts
-from .data import MultiTokenError, answer_and_foil_tokens, token_strings
-from .errors import ConfigError, DataError
-from .experiment import Experiment
-from .subject import subject_span
-from .tracing.execute import read_positions
-from .tracing.plan import left_pad
+from ..console import note
+from ..contract import CompiledExperiment
+from ..counterfact import Fact, load_counterfact, load_facts
+from ..data import MultiTokenError, answer_and_foil_tokens, token_strings
+from ..errors import ConfigError, DataError
+from ..experiment import Experiment
+from ..subject import subject_span
+from ..tracing.execute import read_positions
+from ..tracing.plan import left_pad
 
 MULTI_TOKEN = ("error", "skip")
 
@@ -118,7 +119,7 @@ class FactItem:
     problem: str | None = None  # why this fact is skipped (multi_token="skip")
 
 
-class CompiledFactExperiment:
+class CompiledFactExperiment(CompiledExperiment):
     """A `FactExperiment` bound to a model: preparing and selecting facts.
 
     Subclasses set `needs_prediction` when their analysis is about the model's own top
@@ -128,9 +129,7 @@ class CompiledFactExperiment:
     needs_prediction: ClassVar[bool] = False
 
     def __init__(self, experiment: FactExperiment, model) -> None:
-        self.experiment = experiment
-        self.model = model
-        self.pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        super().__init__(experiment, model)
 
     def prepare(self, example, index: int) -> FactItem:
         if not isinstance(example, Fact):
