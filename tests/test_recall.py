@@ -19,13 +19,10 @@ import torch
 import nnexp
 from nnexp.counterfact import Fact
 from nnexp.errors import ConfigError, DataError
-from nnexp.recall import (
-    AttentionKnockoutExperiment,
-    AttributeExtractionExperiment,
-    CausalTracingExperiment,
-    SublayerKnockoutExperiment,
-)
-from nnexp.recall.summaries import average_indirect_effect, token_categories
+from nnexp.kinds.attention_knockout import AttentionKnockoutExperiment
+from nnexp.kinds.attribute_extraction import AttributeExtractionExperiment
+from nnexp.kinds.causal_tracing import CausalTracingExperiment, average_indirect_effect, token_categories
+from nnexp.kinds.sublayer_knockout import SublayerKnockoutExperiment
 from tests import recall_reference as ref
 from tests.conftest import tiny_model
 from tests.test_gradient_attribution import gpt2_facts

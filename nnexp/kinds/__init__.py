@@ -3,3 +3,7 @@ decoding, dataset summaries and figures. Importing this package registers every 
 in `nnexp.registry.KINDS`."""
 
 from . import patching  # noqa: F401
+from . import attention_knockout  # noqa: F401
+from . import attribute_extraction  # noqa: F401
+from . import sublayer_knockout  # noqa: F401
+from . import causal_tracing  # noqa: F401

@@ -32,17 +32,17 @@ from typing import ClassVar
 
 import torch
 
-from ..data import token_strings
-from ..errors import ConfigError, DataError
-from ..kinds.facts import FactItem, TokenizedFact
-from ..labelled import LabelledTensor
-from ..models.architectures import _get_module
-from ..results import ExampleRecord
-from ..sites import check_layers, resolve_site
-from ..tracing.execute import read_positions
-from ..tracing.memory import rows_for_budget, tightest
-from ..tracing.plan import left_pad, row_batches
-from .base import CompiledRecall, RecallExperiment, check_choices
+from ...data import token_strings
+from ...errors import ConfigError, DataError
+from ...labelled import LabelledTensor
+from ...models.architectures import _get_module
+from ...results import ExampleRecord
+from ...sites import check_layers, resolve_site
+from ...tracing.execute import read_positions
+from ...tracing.memory import rows_for_budget, tightest
+from ...tracing.plan import left_pad, row_batches
+from ..facts import FactItem, TokenizedFact
+from ..recall import CompiledRecall, RecallExperiment, check_choices
 
 EXTRACTION_SITES = ("resid_post", "attn_out", "mlp_out")
 PROJECTIONS = ("unembed", "embed")

@@ -1,4 +1,4 @@
-"""What the factual-recall analyses share: the attribute token, edited runs, batching.
+"""What the four factual-recall kinds share: the attribute token, edited runs, batching.
 
 Attention knockout, sublayer knockout and causal tracing each turn a fact into base
 runs (the clean run; causal tracing adds noised runs) and variant runs, each with its
@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..kinds.facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
+from ..errors import ConfigError, DataError
+from ..labelled import LabelledTensor
 from ..results import ExampleRecord
 from ..tracing.execute import run_plans
 from ..tracing.memory import row_cost, rows_for_budget, tightest
 from ..tracing.runs import Run, build_plan, pack_runs
+from .facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 
 ATTRIBUTES = ("predicted", "true")
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of activations per trace when neither max_rows nor a budget is given
@@ -163,3 +164,22 @@ def forward_bytes_per_row(model, tokens: int) -> int:
     per_token = 6 * d + 3 * d_ff + 2 * heads * tokens
     vocab = model.hf.get_output_embeddings().weight.shape[0]
     return width * tokens * per_token + 3 * 4 * vocab
+
+
+# -- views over a dataset of results (the kinds' summaries build on these) ------------------
+
+
+def fact_records(results) -> list:
+    """The records of `results` (loaded `Results` or a list of records), or an error
+    when there are none to average."""
+    records = list(results)
+    if not records:
+        raise DataError(f"{getattr(results, 'path', 'the results')} hold no examples")
+    return records
+
+
+def mean_over_facts(results, name: str) -> LabelledTensor:
+    """Mean over facts of each record's tensor `name`, with its dims and coords."""
+    records = fact_records(results)
+    first = records[0][name]
+    return LabelledTensor(torch.stack([r[name].values for r in records]).mean(0), first.dims, first.coords)
