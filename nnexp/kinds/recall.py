@@ -2,10 +2,10 @@
 
 Attention knockout, sublayer knockout and causal tracing each turn a fact into base
 runs (the clean run; causal tracing adds noised runs) and variant runs, each with its
-edits (`nnexp.tracing.runs`). `CompiledRunsExperiment.run` packs the runs of many
-facts into as few traces as `max_rows` (or the memory budget) allows, runs each as ONE
-batched forward pass, and hands each fact the probability and rank of its attribute
-token in every run.
+edits (`nnexp.tracing.runs`). `CompiledRunsExperiment.plan` packs the runs of many
+facts into as few traces as the row limit (`max_rows`, or the memory budget) allows,
+each ONE batched forward pass, and `decode` hands each fact the probability and rank
+of its attribute token in every run.
 
 The attribute token (`attribute`): "predicted", the model's own top next token on the
 clean prompt (Geva et al.; with `only_correct` it is the true target), or "true", the
@@ -14,20 +14,24 @@ fact's true target (Meng et al.'s causal tracing).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..contract import ChunkPlan, expect_rows
+from ..errors import ConfigError, DataError, ResultsError
 from ..labelled import LabelledTensor
 from ..results import ExampleRecord
-from ..tracing.execute import run_plans
-from ..tracing.memory import row_cost, rows_for_budget, tightest
+from ..tracing.execute import plan_job
+from ..tracing.memory import row_cost, rows_for_budget
 from ..tracing.runs import Run, build_plan, pack_runs
 from .facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 
 ATTRIBUTES = ("predicted", "true")
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of activations per trace when neither max_rows nor a budget is given
+RUN_METRICS = ("prob", "rank")  # of the attribute token, per run: the columns of a runs trace's values
 
 
 @dataclass
@@ -93,62 +97,101 @@ class CompiledRecall(CompiledFactExperiment):
 
 class CompiledRunsExperiment(CompiledRecall):
     """A recall experiment made of edited runs; subclasses say which runs a fact needs
-    (`runs`) and how to turn their probabilities and ranks into a record (`record`)."""
+    (`runs`) and how to turn their probabilities and ranks into a record (`record`).
 
-    rows_per_trace: int | None = None
+    A plan's layout holds, per trace, one entry per group of a fact's runs in it:
+    {"fact": its index, "first": its first row, "base": how many base runs it starts
+    with, "variants": which of the fact's variant runs follow}. A fact split across
+    traces has a group in each, each starting with its base runs (the clean run is the
+    source of every copy); its base values are read from the first."""
 
+    @abstractmethod
     def runs(self, fact: TokenizedFact) -> tuple[list[Run], list[Run]]:
         """(base runs, variant runs) of one fact; base[0] is the clean run."""
-        raise NotImplementedError
 
+    @abstractmethod
     def record(self, fact: TokenizedFact, base: torch.Tensor, variants: torch.Tensor) -> ExampleRecord:
         """`base` [base runs, 2] and `variants` [variant runs, 2]: (probability, rank)
         of the attribute token at the last position of each run."""
-        raise NotImplementedError
 
-    def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
-        facts = [item.fact for item in items]
-        laid_out = []
-        for fact in facts:
-            base, variants = self.runs(fact)
-            laid_out.append((fact.index, fact.ids, self.attribute_id(fact), fact.false_id, base, variants))
-        limit = tightest(max_rows, self.rows_per_trace)
-        if limit is None:
-            # causal tracing makes thousands of runs per fact: without a bound from the
-            # user, keep each trace's activations under DEFAULT_MEMORY_BUDGET (measured
-            # here; estimated for a remote model, whose weights are not here to measure)
-            if self.model.is_remote:
-                limit = max(2, DEFAULT_MEMORY_BUDGET // forward_bytes_per_row(self.model, max(len(f.ids) for f in facts)))
-            else:
-                limit = self._rows_within(items, DEFAULT_MEMORY_BUDGET, quiet=True)
-        base_values: dict[int, torch.Tensor] = {}
-        variant_values = {fact.index: torch.full((len(laid[5]), 2), float("nan")) for fact, laid in zip(facts, laid_out)}
-        traces = pack_runs(laid_out, limit)
-        built = [build_plan(trace, self.pad_id, ("prob", "rank")) for trace in traces]
-        for trace, (_, firsts), values in zip(traces, built, run_plans(self.model, [plan for plan, _ in built])):
-            for group, first in zip(trace, firsts):
-                n_base = len(group.runs) - len(group.variants)
-                base_values.setdefault(group.key, values[first : first + n_base])
-                variant_values[group.key][group.variants] = values[first + n_base : first + len(group.runs)]
-        return [self.record(fact, base_values[fact.index], variant_values[fact.index]) for fact in facts]
+    # -- sizing traces -------------------------------------------------------------------
 
-    def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
-        """Cap the rows per trace so that a trace's activations peak under `budget`
-        bytes on every device (measured; see `nnexp.tracing.memory`)."""
-        self.rows_per_trace = self._rows_within(items, budget)
-        return self.rows_per_trace
+    def rows_for_budget(self, items: list[FactItem], budget: int) -> int:
+        """The rows per trace for a trace's activations to peak under `budget` bytes on
+        every device (measured; see `nnexp.tracing.memory`)."""
+        tokens, kept_per_row, minimum, what = self._row_needs(items)
+        return rows_for_budget(self.model, budget, tokens, kept_per_row=kept_per_row, minimum=minimum, what=what)
 
-    def _rows_within(self, items: list[FactItem], budget: int, quiet: bool = False) -> int:
+    def row_limit(self, items: list[FactItem], bound: int | None) -> int | None:
+        """`bound` when the user set one; else the rows that keep a trace under
+        DEFAULT_MEMORY_BUDGET: causal tracing makes thousands of runs per fact, too many
+        for one trace (measured here; estimated for a remote model, whose weights are not
+        here to measure)."""
+        if bound is not None:
+            return bound
+        if self.model.is_remote:
+            tokens = max(len(item.fact.ids) for item in items)
+            return max(2, DEFAULT_MEMORY_BUDGET // forward_bytes_per_row(self.model, tokens))
+        tokens, kept_per_row, minimum, what = self._row_needs(items)
+        return row_cost(self.model, tokens).rows(DEFAULT_MEMORY_BUDGET, kept_per_row, minimum, what)
+
+    def _row_needs(self, items: list[FactItem]) -> tuple[int, int, int, str]:
+        """What sizing a trace of `items` needs: its tokens, the bytes a row carries
+        beyond the plain pass, the fewest rows a trace may hold, and what to call it."""
         tokens = max(len(item.fact.ids) for item in items)
         base, _ = self.runs(items[0].fact)
         # beyond the plain pass, a row carries its edit's values (noise, ablation
         # values: at most one vector per token) and an edited copy of the attention mask
         width = torch.finfo(self.model.dtype).bits // 8
-        per_row = 4 * tokens * self.model.arch.d_model + width * tokens * tokens
+        kept_per_row = 4 * tokens * self.model.arch.d_model + width * tokens * tokens
         what = f"this experiment ({len(base)} base runs per fact and one edited run)"
-        if quiet:
-            return row_cost(self.model, tokens).rows(budget, per_row, len(base) + 1, what)
-        return rows_for_budget(self.model, budget, tokens, kept_per_row=per_row, minimum=len(base) + 1, what=what)
+        return tokens, kept_per_row, len(base) + 1, what
+
+    # -- planning and decoding -------------------------------------------------------------
+
+    def plan(self, items: list[FactItem], row_limit: int | None) -> ChunkPlan:
+        """The runs of every fact packed into traces of at most `row_limit` rows."""
+        laid_out = []
+        for item in items:
+            fact = item.fact
+            base, variants = self.runs(fact)
+            laid_out.append((fact.index, fact.ids, self.attribute_id(fact), fact.false_id, base, variants))
+        jobs, layout = [], []
+        for trace in pack_runs(laid_out, row_limit):
+            trace_plan, firsts = build_plan(trace, self.pad_id, RUN_METRICS)
+            jobs.append(plan_job(trace_plan))
+            layout.append([{"fact": group.key, "first": first, "base": len(group.runs) - len(group.variants),
+                            "variants": group.variants} for group, first in zip(trace, firsts)])
+        return ChunkPlan(jobs, layout, row_limit, [item.index for item in items])
+
+    def decode(self, items: list[FactItem], plan: ChunkPlan, values: list) -> list[ExampleRecord]:
+        """Each fact's base runs' values (from its first trace) and its variants' values
+        (gathered from every trace that holds some), handed to `record`."""
+        plan.check_values(values)
+        base_values: dict[int, torch.Tensor] = {}
+        variant_parts: dict[int, list[tuple[list[int], torch.Tensor]]] = defaultdict(list)
+        for k, (groups, rows, value) in enumerate(zip(plan.layout, plan.rows, values)):
+            what = f"trace {k + 1} of {len(plan.jobs)}"
+            expect_rows(value, rows, what)
+            if value.dim() != 2 or value.shape[1] != len(RUN_METRICS):
+                raise ResultsError(f"{what} came back with shape {list(value.shape)}, not [{rows} rows, "
+                                   f"{len(RUN_METRICS)} metrics {RUN_METRICS}]; its examples were not stored "
+                                   "(rerun or resume to compute them)")
+            for group in groups:
+                first, n_base, variants = group["first"], group["base"], group["variants"]
+                base_values.setdefault(group["fact"], value[first : first + n_base])
+                variant_parts[group["fact"]].append((variants, value[first + n_base : first + n_base + len(variants)]))
+        records = []
+        for item in items:
+            if item.index not in base_values:
+                raise ResultsError(f"example {item.index} is in none of the chunk's traces; it was not stored "
+                                   "(rerun or resume to compute it)")
+            parts = variant_parts[item.index]
+            variants = torch.full((sum(len(ids) for ids, _ in parts), len(RUN_METRICS)), float("nan"))
+            for ids, part in parts:
+                variants[ids] = part
+            records.append(self.record(item.fact, base_values[item.index], variants))
+        return records
 
 
 def forward_bytes_per_row(model, tokens: int) -> int:
