@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnexp.recall import (
-    AttentionKnockoutExperiment,
-    AttributeExtractionExperiment,
-    CausalTracingExperiment,
-    SublayerKnockoutExperiment,
-)
+from nnexp.kinds.attention_knockout import AttentionKnockoutExperiment
+from nnexp.kinds.attribute_extraction import AttributeExtractionExperiment
+from nnexp.kinds.causal_tracing import CausalTracingExperiment
+from nnexp.kinds.sublayer_knockout import SublayerKnockoutExperiment
 
 
 @dataclass

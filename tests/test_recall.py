@@ -19,13 +19,10 @@ import torch
 import nnexp
 from nnexp.counterfact import Fact
 from nnexp.errors import ConfigError, DataError
-from nnexp.recall import (
-    AttentionKnockoutExperiment,
-    AttributeExtractionExperiment,
-    CausalTracingExperiment,
-    SublayerKnockoutExperiment,
-)
-from nnexp.recall.summaries import average_indirect_effect, token_categories
+from nnexp.kinds.attention_knockout import AttentionKnockoutExperiment
+from nnexp.kinds.attribute_extraction import AttributeExtractionExperiment
+from nnexp.kinds.causal_tracing import CausalTracingExperiment, average_indirect_effect, token_categories
+from nnexp.kinds.sublayer_knockout import SublayerKnockoutExperiment
 from tests import recall_reference as ref
 from tests.conftest import tiny_model
 from tests.test_gradient_attribution import gpt2_facts
@@ -37,8 +34,7 @@ def compiled_and_items(experiment, model, facts, batch=16):
     """What `nnexp.run` does before tracing: prepare, dataset statistics, select."""
     compiled = experiment.compile(model)
     items = [compiled.prepare(fact, index) for index, fact in enumerate(facts)]
-    if hasattr(compiled, "fit"):
-        compiled.fit(items)
+    compiled.fit(items)
     return compiled, compiled.select(items, batch)
 
 
@@ -248,9 +244,9 @@ def test_causal_tracing_chunks_equal_one_trace_and_budget(gpt2_tiny, monkeypatch
     calls.clear()
     compiled, items = compiled_and_items(experiment, gpt2_tiny, facts)
     cost = row_cost(gpt2_tiny, max(len(i.fact.ids) for i in items))
-    rows = compiled.set_memory_budget(items, cost.fixed["cpu"] + 30 * cost.per_row["cpu"])
+    rows = compiled.rows_for_budget(items, cost.fixed["cpu"] + 30 * cost.per_row["cpu"])
     assert 10 <= rows < 30  # the margin for nnexp's edits, and the values a row carries
-    budgeted = compiled.run(items)
+    budgeted = compiled.run(items, max_rows=rows)
     assert max(calls) <= rows
     torch.testing.assert_close(budgeted[0]["mlp_out"].values, whole[0]["mlp_out"].values, rtol=1e-5, atol=1e-10)  # probabilities ~3e-5: float noise
     with pytest.raises(ConfigError, match="needs at least 4 rows per trace"):
@@ -295,6 +291,28 @@ def test_dataset_statistics_ignore_limit(gpt2_tiny, tmp_path):
         limited = nnexp.run(experiment, gpt2_tiny, out=tmp_path / f"{name}-1", limit=1, figures=False)
         full = nnexp.run(experiment, gpt2_tiny, out=tmp_path / f"{name}-all", figures=False)
         assert torch.equal(limited[0][name].values, full[0][name].values)
+
+
+# -- planning and decoding ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", [AttentionKnockoutExperiment(window=2), AttributeExtractionExperiment(top_k=3)],
+                         ids=["runs", "positions"])
+def test_plan_is_pure_and_decode_refuses_misaligned_values(gpt2_tiny, experiment):
+    from nnexp.errors import ResultsError
+
+    compiled, items = compiled_and_items(experiment, gpt2_tiny, gpt2_facts(gpt2_tiny.tokenizer, 3))
+    plan = compiled.plan(items, compiled.row_limit(items, 2))
+    assert len(plan.jobs) == len(plan.layout) > 1 and plan.examples == [item.index for item in items]
+    assert compiled.plan(items, 2).fingerprint == plan.fingerprint  # the same chunk plans the same way again
+    values = gpt2_tiny.executor.run(plan.jobs)
+    records = compiled.decode(items, plan, values)
+    assert [r.index for r in records] == [item.index for item in items]
+    with pytest.raises(ResultsError, match="trace results came back"):
+        compiled.decode(items, plan, values[:-1])
+    short = [value[:-1] if isinstance(value, torch.Tensor) else {k: v[:-1] for k, v in value.items()} for value in values]
+    with pytest.raises(ResultsError, match="rows were planned"):
+        compiled.decode(items, plan, short)
 
 
 # -- errors ----------------------------------------------------------------------------

@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from nnexp.counterfact import builtin_facts
-from nnexp.recall import (
-    AttentionKnockoutExperiment,
-    AttributeExtractionExperiment,
-    CausalTracingExperiment,
-    SublayerKnockoutExperiment,
-)
-from nnexp.recall.summaries import average_indirect_effect, knockout_profile
+from nnexp.kinds.attention_knockout import AttentionKnockoutExperiment, knockout_profile
+from nnexp.kinds.attribute_extraction import AttributeExtractionExperiment
+from nnexp.kinds.causal_tracing import CausalTracingExperiment, average_indirect_effect
+from nnexp.kinds.sublayer_knockout import SublayerKnockoutExperiment
 from tests import recall_reference as ref
 from tests.test_recall import assert_close, assert_rank_consistent, compiled_and_items
 

@@ -24,16 +24,16 @@ from typing import ClassVar
 
 import torch
 
-from ..console import note
-from ..errors import ConfigError
-from ..kinds.facts import FactItem, TokenizedFact
-from ..labelled import LabelledTensor
-from ..results import ExampleRecord
-from ..sites import check_layers, resolve_site
-from ..tracing.execute import sum_over_tokens
-from ..tracing.plan import left_pad
-from ..tracing.runs import Run, RunEdit, window
-from .base import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
+from ...console import note
+from ...errors import ConfigError
+from ...labelled import LabelledTensor
+from ...results import ExampleRecord
+from ...sites import check_layers, resolve_site
+from ...tracing.execute import sum_over_tokens
+from ...tracing.plan import left_pad
+from ...tracing.runs import Run, RunEdit, window
+from ..facts import FactItem, TokenizedFact
+from ..recall import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
 
 SUBLAYERS = ("mlp_out", "attn_out")
 ABLATIONS = ("zero", "mean")

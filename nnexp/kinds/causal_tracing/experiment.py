@@ -35,16 +35,16 @@ from typing import ClassVar
 
 import torch
 
-from ..console import note
-from ..errors import ConfigError
-from ..kinds.facts import FactItem, TokenizedFact
-from ..labelled import LabelledTensor
-from ..results import ExampleRecord
-from ..sites import check_layers, embedding_point, resolve_site
-from ..tracing.execute import read_positions
-from ..tracing.plan import left_pad
-from ..tracing.runs import Run, RunEdit, window
-from .base import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
+from ...console import note
+from ...errors import ConfigError
+from ...labelled import LabelledTensor
+from ...results import ExampleRecord
+from ...sites import check_layers, embedding_point, resolve_site
+from ...tracing.execute import read_positions
+from ...tracing.plan import left_pad
+from ...tracing.runs import Run, RunEdit, window
+from ..facts import FactItem, TokenizedFact
+from ..recall import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
 
 RESTORE_SITES = ("resid_post", "mlp_out", "attn_out")
 

@@ -32,17 +32,18 @@ from typing import ClassVar
 
 import torch
 
-from ..data import token_strings
-from ..errors import ConfigError, DataError
-from ..kinds.facts import FactItem, TokenizedFact
-from ..labelled import LabelledTensor
-from ..models.architectures import _get_module
-from ..results import ExampleRecord
-from ..sites import check_layers, resolve_site
-from ..tracing.execute import read_positions
-from ..tracing.memory import rows_for_budget, tightest
-from ..tracing.plan import left_pad, row_batches
-from .base import CompiledRecall, RecallExperiment, check_choices
+from ...contract import ChunkPlan, expect_rows
+from ...data import token_strings
+from ...errors import ConfigError, DataError, ResultsError
+from ...labelled import LabelledTensor
+from ...models.architectures import _get_module
+from ...results import ExampleRecord
+from ...sites import check_layers, resolve_site
+from ...tracing.execute import positions_job
+from ...tracing.memory import rows_for_budget
+from ...tracing.plan import left_pad, row_batches
+from ..facts import FactItem, TokenizedFact
+from ..recall import CompiledRecall, RecallExperiment, check_choices
 
 EXTRACTION_SITES = ("resid_post", "attn_out", "mlp_out")
 PROJECTIONS = ("unembed", "embed")
@@ -153,10 +154,8 @@ class CompiledAttributeExtraction(CompiledRecall):
     def position(self, fact: TokenizedFact, name: str) -> int:
         return fact.last_subject if name == "last_subject" else len(fact.ids) - 1
 
-    rows_per_trace: int | None = None  # set by a memory budget
-
-    def set_memory_budget(self, items: list[FactItem], budget: int) -> int:
-        """Cap the facts per trace so that a trace and its projections to the vocabulary
+    def rows_for_budget(self, items: list[FactItem], budget: int) -> int:
+        """The facts per trace for a trace and its projections to the vocabulary to
         peak under `budget` bytes on every device."""
         d = self.embedding.shape[1]
         vocab = self.embedding.shape[0]
@@ -167,14 +166,32 @@ class CompiledAttributeExtraction(CompiledRecall):
         saved = 4 * d * len(self.points) * n_pos
         readout = saved + (width + 4 + 1) * n_pos * vocab
         tokens = max(len(item.fact.ids) for item in items)
-        self.rows_per_trace = rows_for_budget(self.model, budget, tokens, kept_per_row=saved, readout=(0, readout),
-                                              what="attribute extraction of one fact")
-        return self.rows_per_trace
+        return rows_for_budget(self.model, budget, tokens, kept_per_row=saved, readout=(0, readout),
+                               what="attribute extraction of one fact")
 
-    def run(self, items: list[FactItem], max_rows: int | None = None) -> list[ExampleRecord]:
-        batches = [self._request(batch) for batch in row_batches(items, tightest(max_rows, self.rows_per_trace))]
-        read = read_positions(self.model, [request for _, request in batches])
-        return [record for (facts, _), (saved, _) in zip(batches, read) for record in self._records(facts, saved)]
+    def plan(self, items: list[FactItem], row_limit: int | None) -> ChunkPlan:
+        """One trace per batch of at most `row_limit` facts, reading every point at the
+        chosen positions. The layout: per trace, the fact of each row."""
+        batches = row_batches(items, row_limit)
+        jobs = [positions_job(*self._request(batch)) for batch in batches]
+        layout = [[item.index for item in batch] for batch in batches]
+        return ChunkPlan(jobs, layout, row_limit, [item.index for item in items])
+
+    def decode(self, items: list[FactItem], plan: ChunkPlan, values: list) -> list[ExampleRecord]:
+        """Each trace's saved vectors projected to the vocabulary: one record per fact."""
+        plan.check_values(values)
+        facts = {item.index: item.fact for item in items}
+        records = {}
+        for k, (indices, saved) in enumerate(zip(plan.layout, values)):
+            for key, _ in self.points:
+                expect_rows(saved[key], len(indices), f"trace {k + 1} of {len(plan.jobs)}: {key}")
+            for record in self._records([facts[index] for index in indices], saved):
+                records[record.index] = record
+        missing = [item.index for item in items if item.index not in records]
+        if missing:
+            raise ResultsError(f"examples {missing} are in none of the chunk's traces; they were not stored "
+                               "(rerun or resume to compute them)")
+        return [records[item.index] for item in items]
 
     def project(self, vectors: torch.Tensor, projection: str) -> torch.Tensor:
         """[n, d] -> [n, vocab] float32 logits."""
@@ -183,12 +200,14 @@ class CompiledAttributeExtraction(CompiledRecall):
                 return self.unembed(self.final_norm(vectors)).float()
             return vectors.float() @ self.embedding.float().T
 
-    def _request(self, items: list[FactItem]) -> tuple[list[TokenizedFact], tuple]:
+    def _request(self, items: list[FactItem]) -> tuple:
+        """(input_ids, attention_mask, points, positions, logits) of one trace: the facts
+        left-padded, every point read at each chosen position, no logits."""
         facts = [item.fact for item in items]
         input_ids, mask, offsets = left_pad([fact.ids for fact in facts], self.pad_id)
         positions = torch.tensor([[offset + self.position(fact, name) for name in self.experiment.positions]
                                   for fact, offset in zip(facts, offsets)])
-        return facts, (input_ids, mask, self.points, positions, "none")
+        return input_ids, mask, self.points, positions, "none"
 
     def _records(self, facts: list[TokenizedFact], saved: dict) -> list[ExampleRecord]:
         experiment = self.experiment

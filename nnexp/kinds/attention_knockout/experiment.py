@@ -29,13 +29,13 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
-from ..kinds.facts import TokenizedFact
-from ..labelled import LabelledTensor
-from ..results import ExampleRecord
-from ..sites import attention_mask_point, check_layers
-from ..tracing.runs import Run, RunEdit, window
-from .base import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
+from ...errors import ConfigError
+from ...labelled import LabelledTensor
+from ...results import ExampleRecord
+from ...sites import attention_mask_point, check_layers
+from ...tracing.runs import Run, RunEdit, window
+from ..facts import TokenizedFact
+from ..recall import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
 
 SOURCES = ("subject", "non_subject", "last")
 MASKED_ATTENTION = ("eager", "sdpa")
