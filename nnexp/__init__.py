@@ -14,7 +14,13 @@ from .contract import ChunkPlan, CompiledExperiment
 from .data import PromptPair, load_prompt_pairs
 from .errors import ConfigError, DataError, ModelError, NnexpError, ResultsError
 from .experiment import Experiment, find_experiment, register_experiment
+from .kinds.attention_knockout import AttentionKnockoutExperiment
+from .kinds.attribute_extraction import AttributeExtractionExperiment
+from .kinds.causal_tracing import CausalTracingExperiment
+from .kinds.gradient_attribution import GradientAttributionExperiment
+from .kinds.logit_attribution import LogitAttributionExperiment
 from .kinds.patching import PatchingExperiment
+from .kinds.sublayer_knockout import SublayerKnockoutExperiment
 from .labelled import LabelledTensor
 from .metrics import METRICS, register_metric
 from .models import ALIASES, ArchSpec, Model, load_model, register_architecture, wrap_model
@@ -28,6 +34,9 @@ from .tracing.plan import EDITS, register_edit
 __all__ = [
     "ALIASES",
     "ArchSpec",
+    "AttentionKnockoutExperiment",
+    "AttributeExtractionExperiment",
+    "CausalTracingExperiment",
     "ChunkPlan",
     "CompiledExperiment",
     "ConfigError",
@@ -36,8 +45,10 @@ __all__ = [
     "EXPERIMENTS",
     "ExampleRecord",
     "Experiment",
+    "GradientAttributionExperiment",
     "KINDS",
     "LabelledTensor",
+    "LogitAttributionExperiment",
     "METRICS",
     "Model",
     "ModelError",
@@ -47,6 +58,7 @@ __all__ = [
     "Results",
     "ResultsError",
     "SITES",
+    "SublayerKnockoutExperiment",
     "find_experiment",
     "include",
     "load_model",

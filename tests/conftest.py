@@ -11,17 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (  # noqa: F401 - re-exported for test files not yet moved to tests.helpers
-    CACHE,
-    FAMILIES,
-    REPO,
-    count_traces,
-    make_gpt2_tokenizer,
-    save_tiny_model,
-    tiny_config,
-    tiny_hf_model,
-    tiny_model,
-)
+from tests.helpers import save_tiny_model, tiny_model
 
 REAL_MODEL_FIXTURES = {"smollm2", "gemma3"}
 

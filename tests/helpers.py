@@ -164,6 +164,32 @@ def assert_close_relative(actual, expected, what, rtol=1e-4):
     assert error <= rtol * scale, f"{what}: max |nnexp - reference| = {error:.3g}, {error / scale:.3g} of the scale {scale:.3g}"
 
 
+def compiled_and_items(experiment, model, facts, batch=16):
+    """What `nnexp.run` does before tracing: prepare, dataset statistics, select."""
+    compiled = experiment.compile(model)
+    items = [compiled.prepare(fact, index) for index, fact in enumerate(facts)]
+    compiled.fit(items)
+    return compiled, compiled.select(items, batch)
+
+
+def assert_close(actual, expected, what, rtol=1e-4, atol=0.0):
+    """Within `rtol` of the reference's scale (or `atol`, for probabilities a real model
+    has driven near 0, where float noise is large relative to the value)."""
+    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
+    scale = expected.abs().max()
+    assert scale > 0, f"{what}: the reference is all zeros, so the comparison would prove nothing"
+    error = (actual - expected).abs().max()
+    assert error <= max(rtol * scale, atol), f"{what}: max |nnexp - reference| = {error:.3g}, {error / scale:.3g} of the scale {scale:.3g}"
+
+
+def assert_rank_consistent(rank, logits, token, what, rtol=1e-4):
+    """`rank` is the attribute's rank in `logits` up to near-ties (within rtol of the scale)."""
+    eps = rtol * float(logits.abs().max())
+    value = float(logits[token])
+    low, high = 1 + int((logits > value + eps).sum()), 1 + int((logits > value - eps).sum())
+    assert low <= rank <= high, f"{what}: nnexp rank {rank}, reference {low}..{high}"
+
+
 def facts_file(tmp_path, tokenizer, n=3):
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps(f.to_json()) + "\n" for f in gpt2_facts(tokenizer, n)))

@@ -13,7 +13,7 @@ import pytest
 from nnexp.counterfact import HUB_DATASET, Fact, builtin_facts, load_counterfact, load_facts
 from nnexp.errors import DataError
 from nnexp.subject import subject_span
-from tests.conftest import REPO, make_gpt2_tokenizer
+from tests.helpers import REPO, make_gpt2_tokenizer
 
 FLAT = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
         "target_true": " French", "target_false": " English", "relation_id": "P103", "case_id": 0,

@@ -79,10 +79,10 @@ def test_gemma3_patching_matches_plain_hooks(gemma3):
 
 def _logit_attribution(model):
     from nnexp_experiments.logit_attribution import LogitAttribution
-    from tests.test_logit_attribution import run_records
+    from tests.helpers import nnexp_records
 
     experiment = LogitAttribution()
-    return run_records(model, experiment, prompts=experiment.examples())
+    return nnexp_records(model, experiment, experiment.examples())
 
 
 def _check_exact(records):

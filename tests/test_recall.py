@@ -24,41 +24,14 @@ from nnexp.kinds.attribute_extraction import AttributeExtractionExperiment
 from nnexp.kinds.causal_tracing import CausalTracingExperiment, average_indirect_effect, token_categories
 from nnexp.kinds.sublayer_knockout import SublayerKnockoutExperiment
 from tests import recall_reference as ref
-from tests.conftest import tiny_model
-from tests.test_gradient_attribution import gpt2_facts
+from tests.helpers import assert_close, assert_rank_consistent, compiled_and_items, gpt2_facts, tiny_model
 
 FAMILIES = ["gpt2", "llama", "gemma3_text"]
-
-
-def compiled_and_items(experiment, model, facts, batch=16):
-    """What `nnexp.run` does before tracing: prepare, dataset statistics, select."""
-    compiled = experiment.compile(model)
-    items = [compiled.prepare(fact, index) for index, fact in enumerate(facts)]
-    compiled.fit(items)
-    return compiled, compiled.select(items, batch)
 
 
 def run_records(experiment, model, facts, max_rows=None):
     compiled, items = compiled_and_items(experiment, model, facts)
     return compiled.run(items, max_rows=max_rows)
-
-
-def assert_close(actual, expected, what, rtol=1e-4, atol=0.0):
-    """Within `rtol` of the reference's scale (or `atol`, for probabilities a real model
-    has driven near 0, where float noise is large relative to the value)."""
-    actual, expected = torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64)
-    scale = expected.abs().max()
-    assert scale > 0, f"{what}: the reference is all zeros, so the comparison would prove nothing"
-    error = (actual - expected).abs().max()
-    assert error <= max(rtol * scale, atol), f"{what}: max |nnexp - reference| = {error:.3g}, {error / scale:.3g} of the scale {scale:.3g}"
-
-
-def assert_rank_consistent(rank, logits, token, what, rtol=1e-4):
-    """`rank` is the attribute's rank in `logits` up to near-ties (within rtol of the scale)."""
-    eps = rtol * float(logits.abs().max())
-    value = float(logits[token])
-    low, high = 1 + int((logits > value + eps).sum()), 1 + int((logits > value - eps).sum())
-    assert low <= rank <= high, f"{what}: nnexp rank {rank}, reference {low}..{high}"
 
 
 @pytest.fixture(params=FAMILIES)
@@ -232,7 +205,7 @@ def test_causal_tracing_chunks_equal_one_trace_and_budget(gpt2_tiny, monkeypatch
     facts = gpt2_facts(gpt2_tiny.tokenizer, 3)
     experiment = CausalTracingExperiment(samples=2, window=2)
     whole = run_records(experiment, gpt2_tiny, facts)
-    from tests.conftest import count_traces
+    from tests.helpers import count_traces
 
     calls = count_traces(gpt2_tiny, monkeypatch)
     split = run_records(experiment, gpt2_tiny, facts, max_rows=40)
@@ -377,7 +350,7 @@ def test_bad_parameters_and_data_are_clear_errors(gpt2_tiny, tmp_path):
      ["mlp_out", "attn_out.prob"], "mean-mlp-out.html"),
 ])
 def test_cli_run_resume_and_figures(tmp_path, tiny_gpt2_folder, name, options, tensors, figure):
-    from tests.test_cli import cli
+    from tests.helpers import cli
 
     facts = gpt2_facts(nnexp.load_model(str(tiny_gpt2_folder)).tokenizer, 4)
     data = tmp_path / "facts.jsonl"

@@ -17,7 +17,7 @@ from nnexp.kinds.attribute_extraction import AttributeExtractionExperiment
 from nnexp.kinds.causal_tracing import CausalTracingExperiment, average_indirect_effect
 from nnexp.kinds.sublayer_knockout import SublayerKnockoutExperiment
 from tests import recall_reference as ref
-from tests.test_recall import assert_close, assert_rank_consistent, compiled_and_items
+from tests.helpers import assert_close, assert_rank_consistent, compiled_and_items
 
 pytestmark = pytest.mark.slow
 
