@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .console import note, progress
-from .contract import CompiledExperiment
+from .contract import ChunkPlan, CompiledExperiment
 from .errors import ConfigError, ResultsError
 from .experiment import Experiment
 from .interrupts import InterruptGuard
@@ -66,23 +66,21 @@ class Chunks:
         self.bound = bound  # the user's row bound: max_rows and the memory budget's, whichever is tighter
         self.bar = bar
         self.interrupts = interrupts
-        self.handled: set[int] = set()  # examples stored, or waiting on a submitted job
         self.received = 0  # examples whose results came back from a server in this call
         self.submitted = 0
         self.still_running = 0
         self.remote = isinstance(executor, SubmittingExecutor)
 
-    def _plan(self, chunk: list):
+    def _plan(self, chunk: list) -> ChunkPlan:
         return self.compiled.plan(chunk, self.compiled.row_limit(chunk, self.bound))
 
-    def _store(self, chunk: list, plan, values: list) -> None:
+    def _store(self, chunk: list, plan: ChunkPlan, values: list) -> None:
         plan.check_values(values)
         records = self.compiled.decode(chunk, plan, values)
         if sorted(record.index for record in records) != sorted(item.index for item in chunk):
             raise RuntimeError("decode returned records for other examples than its chunk's")  # nnexp bug
         for record in records:
             self.directory.write_example(record)
-        self.handled.update(item.index for item in chunk)
         self.bar.update(len(chunk))
         if self.remote:
             self.received += len(chunk)
@@ -96,7 +94,6 @@ class Chunks:
         plan = self._plan(chunk)
         job_id = self.executor.submit(plan.jobs)
         self.directory.add_job(job_id, SubmittedJob(plan.examples, plan.row_limit, plan.fingerprint))
-        self.handled.update(item.index for item in chunk)
         self.submitted += len(chunk)
         self.interrupts.check()
 
@@ -128,7 +125,6 @@ class Chunks:
                 raise RemoteRunError(f"{error}. Its examples will be resubmitted by `nnexp resume "
                                      f"{self.directory.path}`") from None
             if values is None:
-                self.handled.update(job.examples)
                 self.still_running += len(chunk)
                 continue
             self._store(chunk, plan, values)
