@@ -95,6 +95,8 @@ def metric_values(logits_last, answer, foil, metric="logit_diff"):
         return logits_last[:, answer] - logits_last[:, foil]
     if metric == "logit":
         return logits_last[:, answer]
+    if metric == "answer_over_mean":  # the README's example of a user's metric
+        return logits_last[:, answer] - logits_last.mean(-1)
     probs = torch.softmax(logits_last, dim=-1)
     if metric == "prob":
         return probs[:, answer]

@@ -91,3 +91,33 @@ def test_skipping_the_shared_prefix_changes_no_number(llama_tiny):
     for name in a.tensors:
         assert torch.allclose(a[name].values, b[name].values, atol=1e-5), name
     check_against_reference(llama_tiny, computed, example)
+
+
+def test_a_users_site_and_metric_from_the_command_line(tmp_path, tiny_gpt2_folder):
+    """The README's plugin (a metric and a site of one's own) through `--include`: the
+    site (GPT-2's block input, read at its first norm) patches exactly as resid_pre does
+    in the hook reference, under the user's metric."""
+    import re
+
+    from nnexp.cli import main
+    from nnexp.models import load_model
+    from nnexp.store import load_results
+    from tests.helpers import PATCHING_TOL, REPO
+    from tests.reference import patching_sweep
+
+    readme = (REPO / "README.md").read_text()
+    [plugin] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "register_site(" in b]
+    (tmp_path / "my_metrics.py").write_text(plugin)
+    out = tmp_path / "run"
+    code = main(["run", "ioi-patching", "--include", str(tmp_path / "my_metrics.py"), "--model", str(tiny_gpt2_folder),
+                 "--sites", "ln1_in", "--metric", "answer_over_mean", "--limit", "1", "--out", str(out),
+                 "--no-figures", "--quiet"])
+    assert code == 0
+    record = load_results(out)[0]
+    model = load_model(str(tiny_gpt2_folder))
+    ref = patching_sweep(model.hf, record.info["clean_ids"], record.info["corrupted_ids"], record.info["answer_id"],
+                         record.info["foil_id"], sites=("resid_pre",), layers=range(model.arch.n_layers),
+                         metric="answer_over_mean")
+    assert abs(record.scalars["clean"] - ref["clean"]) <= PATCHING_TOL
+    assert (record["ln1_in.patched"].values - ref["resid_pre"]).abs().max() <= PATCHING_TOL
+    assert record["ln1_in.patched"].values.std() > 1e-3  # the patch changes something
