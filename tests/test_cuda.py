@@ -1,7 +1,7 @@
 """CUDA runs equal CPU runs of the same seeded weights (skipped without a CUDA GPU).
 
 Randomly initialised models of the real GPT-2 small and GPT-2 XL shapes: weights do
-not change what runs where. Each experiment family runs once on the CPU and once on
+not change what runs where. Each registered kind runs once on the CPU and once on
 the GPU (float32, and sharded with device_map="auto"); the numbers must agree within
 floating-point tolerance (GPU kernels sum in a different order).
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nnexp
-from tests.helpers import assert_same_records, kind_experiments, make_gpt2_tokenizer
+from tests.helpers import KINDS, assert_same_records, kind_experiments, make_gpt2_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,8 +34,7 @@ def shaped_model(shape: str, tmp_path) -> str:
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("device", ["cuda", "auto"])
-@pytest.mark.parametrize("name", ["ioi-patching", "logit-attribution", "counterfact-attribution",
-                                  "attention-knockout", "causal-tracing"])
+@pytest.mark.parametrize("name", KINDS)
 def test_cuda_equals_cpu(name, device, shape, tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "cuda-models"
     folder = shaped_model(shape, root)

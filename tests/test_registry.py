@@ -73,6 +73,14 @@ def test_the_library_does_not_import_the_catalogue():
             assert not any(name.split(".")[0] in ("experiments", "nnexp_experiments") for name in names), path
 
 
+def test_the_tracing_layer_knows_no_kind():
+    for path in (REPO / "nnexp" / "tracing").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert "kinds" not in target.split("."), f"{path} imports {target}"
+
+
 def test_every_package_is_installed():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])

@@ -254,7 +254,7 @@ def test_cli_submit_without_waiting_then_fetch(ndif, tmp_path):
     assert (out / "figures" / "example-0000-resid_post.html").exists()
     from nnexp.registry import EXPERIMENTS
 
-    local = nnexp.run(EXPERIMENTS["patching"](sites=("resid_post",)), nnexp.load_model(str(ndif.folder)),
+    local = nnexp.run(EXPERIMENTS["ioi-patching"](sites=("resid_post",)), nnexp.load_model(str(ndif.folder)),
                       out=tmp_path / "local", limit=3, figures=False)
     assert_same_records(list(local), list(nnexp.load_results(out)))
     assert len(ndif.stats()["jobs"]) == 3  # each chunk computed once
