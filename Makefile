@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   set everything up (.venv, nnexp, the built-in models) and run IOI patching on smollm2-135m
 #   make test   set everything up and run the test suite (what CI runs)
-#   make test-fast  the fast tier: no model, no subprocess (a few minutes)
+#   make test-fast  the fast tier: no model, no subprocess (seconds)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
