@@ -52,6 +52,7 @@ class FactExperiment(Experiment):
     multi_token: str = "error"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.multi_token not in MULTI_TOKEN:
             raise ConfigError(f"multi_token is {self.multi_token!r}; choose 'error' or 'skip'")
 
