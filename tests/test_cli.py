@@ -130,9 +130,9 @@ def test_bad_models_give_one_line_errors(tmp_path):
 @pytest.mark.parametrize(
     "record, fragments",
     [
-        ({"corrupted": "When Tom and James went to the park, Christopherson gave the ball to"}, ["example 1", "same length"]),
-        ({"answer": " Christopherson"}, ["example 1", "answer ' Christopherson'", "one token"]),
-        ({"foil": " Tom"}, ["example 1", "same token"]),
+        ({"corrupted": "When Tom and James went to the park, Christopherson gave the ball to"}, ["pairs.jsonl:2", "same length"]),
+        ({"answer": " Christopherson"}, ["pairs.jsonl:2", "answer ' Christopherson'", "one token"]),
+        ({"foil": " Tom"}, ["pairs.jsonl:2", "same token"]),
     ],
 )
 def test_bad_examples_fail_before_computing(tmp_path, tiny_gpt2_folder, record, fragments):

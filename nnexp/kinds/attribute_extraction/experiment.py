@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from ...contract import ChunkPlan, expect_rows
-from ...data import token_strings
+from ...data import example_location, token_strings
 from ...errors import ConfigError, DataError, ResultsError
 from ...labelled import LabelledTensor
 from ...models.architectures import _get_module
@@ -147,7 +147,7 @@ class CompiledAttributeExtraction(CompiledRecall):
     def words(self, fact: TokenizedFact) -> list[str] | None:
         words = fact.fact.meta.get("attributes")
         if words is not None:
-            return check_words(words, f"example {fact.index}")
+            return check_words(words, example_location(fact.fact, fact.index))
         return self.attributes.get(fact.fact.subject)
 
     def position(self, fact: TokenizedFact, name: str) -> int:

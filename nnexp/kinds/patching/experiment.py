@@ -37,7 +37,7 @@ import torch
 
 from ...console import note
 from ...contract import ChunkPlan, CompiledExperiment, expect_rows
-from ...data import PromptPair, TokenizedPair, load_prompt_pairs, tokenize_pair
+from ...data import PromptPair, TokenizedPair, example_location, load_prompt_pairs, tokenize_pair
 from ...errors import ConfigError
 from ...experiment import Experiment
 from ...labelled import LabelledTensor
@@ -180,7 +180,8 @@ class CompiledPatching(CompiledExperiment):
                 groups = [list(range(n))]
                 position_labels = None
             else:
-                chosen = list(range(n)) if spec == "each" else [self._position(p, n, index) for p in spec]
+                where = example_location(example, index)
+                chosen = list(range(n)) if spec == "each" else [self._position(p, n, where) for p in spec]
                 groups = [[p] for p in chosen]
                 position_labels = chosen
             dims: tuple[str, ...] = ("layer", "head") if is_head else ("layer",)
@@ -199,7 +200,7 @@ class CompiledPatching(CompiledExperiment):
         return _Item(pair, cells, axes)
 
     @staticmethod
-    def _position(p: int, n: int, index: int) -> int:
+    def _position(p: int, n: int, where: str) -> int:
         if not -n <= p < n:
             raise ConfigError(
                 f"position {p} is out of range for {where}, which has {n} tokens "
