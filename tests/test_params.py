@@ -145,8 +145,12 @@ def test_the_named_options_read_like_set(cli):
 # -- every field of every registered experiment ---------------------------------------------
 
 
-def _fields():
-    return [pytest.param(cls, f.name, id=f"{name}.{f.name}") for name, cls in EXPERIMENTS for f in dataclasses.fields(cls)]
+def _fields(classes=EXPERIMENTS):
+    return [pytest.param(cls, f.name, id=f"{name}.{f.name}") for name, cls in classes for f in dataclasses.fields(cls)]
+
+
+# the kinds' base classes too: a user's experiment subclasses one of them
+KINDS_AND_EXPERIMENTS = [(f"kind:{name}", cls) for name, cls in nnexp.KINDS.items()] + EXPERIMENTS
 
 
 def _members(hint) -> tuple:
@@ -180,7 +184,7 @@ def _wrong_text(hint) -> str | None:
     return "[1.5]"
 
 
-@pytest.mark.parametrize("cls, name", _fields())
+@pytest.mark.parametrize("cls, name", _fields(KINDS_AND_EXPERIMENTS))
 def test_every_field_is_precisely_typed(cls, name):
     hint = field_types(cls)[name]
     assert hint not in (object, typing.Any, tuple, list), f"{cls.__name__}.{name} is annotated {hint!r}"
@@ -189,7 +193,7 @@ def test_every_field_is_precisely_typed(cls, name):
             assert typing.get_args(member), f"{cls.__name__}.{name}: say what its entries are ({member!r})"
 
 
-@pytest.mark.parametrize("cls, name", _fields())
+@pytest.mark.parametrize("cls, name", _fields(KINDS_AND_EXPERIMENTS))
 def test_every_field_refuses_a_wrong_type_in_python(cls, name):
     value = _wrong_value(field_types(cls)[name])
     for construct in (lambda: cls(**{name: value}), lambda: cls.from_params({name: value})):
