@@ -292,6 +292,19 @@ def test_a_users_annotations_are_followed():
             _UserExperiment.from_params(params)
 
 
+def test_a_post_init_that_skips_super_is_still_typed_from_params():
+    @dataclasses.dataclass
+    class Careless(nnexp.Experiment):
+        flag: bool = False
+
+        def __post_init__(self) -> None:  # forgets super().__post_init__()
+            pass
+
+    assert Careless.from_params({"flag": "False"}).flag is False
+    with pytest.raises(ConfigError, match="parameter flag is 'no'; give true or false"):
+        Careless.from_params({"flag": "no"})
+
+
 def test_an_annotation_out_of_reach_is_not_checked():
     class Local:
         pass
