@@ -23,7 +23,7 @@ class IOIPatching(PatchingExperiment):
     name = "ioi-patching"
     description = "activation patching on indirect-object identification: residual stream, attention, MLP, heads"
 
-    sites: tuple = ("resid_post", "attn_out", "mlp_out", "head_out")
+    sites: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out", "head_out")
     # Built-in data: "generated" (seeded, all templates) or "classic" (TransformerLens' 8 prompts).
     dataset: str = "generated"
     n_examples: int = 8

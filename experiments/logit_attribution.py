@@ -40,25 +40,25 @@ class _IOILogitAttribution(LogitAttributionExperiment):
 class LogitLens(_IOILogitAttribution):
     name = "logit-lens"
     description = "logit lens: the answer-minus-foil logit difference read off the residual stream after every sublayer"
-    analyses: tuple = ("logit_lens",)
+    analyses: tuple[str, ...] = ("logit_lens",)
 
 
 @dataclass
 class DLALayers(_IOILogitAttribution):
     name = "dla-layers"
     description = "direct logit attribution per layer: embeddings, each attention output and each MLP output"
-    analyses: tuple = ("dla_layers",)
+    analyses: tuple[str, ...] = ("dla_layers",)
 
 
 @dataclass
 class DLAHeads(_IOILogitAttribution):
     name = "dla-heads"
     description = "direct logit attribution per attention head, layer x head"
-    analyses: tuple = ("dla_heads",)
+    analyses: tuple[str, ...] = ("dla_heads",)
 
 
 @dataclass
 class LogitAttribution(_IOILogitAttribution):
     name = "logit-attribution"
     description = "logit lens, per-layer and per-head direct logit attribution, all from one trace"
-    analyses: tuple = ANALYSES
+    analyses: tuple[str, ...] = ANALYSES

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -24,62 +23,40 @@ from . import console
 from .errors import ConfigError, NnexpError
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"expected comma-separated integers, got {text!r} (e.g. 0,5,-1)") from None
+# CLI options that set an experiment field of the same name; their text is read by the
+# field's type like a --set value (`nnexp.params`).
+_FIELD_OPTIONS = ("sites", "layers", "heads", "positions", "head_positions", "metric", "site", "dataset")
 
 
-def _positions(text: str):
-    """Integers ("9,-1"), or names ("each", "all", "last_subject,last") for the
-    experiment to check."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if parts and all(part.lstrip("-").isdigit() for part in parts):
-        return _ints(text)
-    return text
-
-
-# CLI option -> (experiment field, parser).
-_FIELD_OPTIONS = {
-    "sites": ("sites", lambda text: tuple(part.strip() for part in text.split(",") if part.strip())),
-    "layers": ("layers", _ints),
-    "heads": ("heads", _ints),
-    "positions": ("positions", _positions),
-    "head_positions": ("head_positions", _positions),
-    "metric": ("metric", str),
-    "site": ("site", str),
-    "dataset": ("dataset", str),
-}
-
-
-def _parse_set(items: list[str]) -> dict:
+def _parse_set(items: list[str]) -> dict[str, str]:
+    """`--set key=value` items as {key: text}; the text is read by the field's type later."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = value
     return out
 
 
 def _experiment_params(cls, args) -> dict:
+    """The experiment parameters given on the command line, each read by its field's type."""
+    from .params import from_text
+
     fields = {f.name for f in dataclasses.fields(cls)}
-    params = {}
-    for option, (field, parse) in _FIELD_OPTIONS.items():
+    texts = {}
+    for option in _FIELD_OPTIONS:
         value = getattr(args, option, None)
         if value is None:
             continue
-        if field not in fields:
-            raise ConfigError(f"experiment {cls.name!r} has no parameter {field!r}, so --{option.replace('_', '-')} does not apply")
-        params[field] = parse(value)
+        if option not in fields:
+            raise ConfigError(f"experiment {cls.name!r} has no parameter {option!r}, so --{option.replace('_', '-')} does not apply")
+        texts[option] = value
     if args.data is not None:
-        params["data"] = str(Path(args.data).expanduser().resolve())
-    params.update(_parse_set(args.set or []))
-    return params
+        texts["data"] = str(Path(args.data).expanduser().resolve())
+    texts.update(_parse_set(args.set or []))
+    # unknown names stay as given, for `from_params` to refuse with the list of parameters
+    return {key: from_text(cls, key, text) if key in fields else text for key, text in texts.items()}
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--remote-model", dest="remote_model", default=None,
                      help="remote: the repo id the server knows the model by (default: the hub id, or the alias's "
                           "original checkpoint; needed for a local folder)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other experiment parameter (value as JSON), repeatable")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="any other experiment parameter, read by its type: true/false, numbers, text as given, "
+                          "lists comma-separated or as JSON, none; repeatable")
     _add_run_options(run)
     _add_include(run)
 

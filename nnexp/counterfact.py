@@ -46,6 +46,9 @@ class Fact:
     relation_id: str | None = None
     case_id: int | str | None = None
     meta: dict = field(default_factory=dict)
+    # where the record was read ("facts.jsonl:12", "dataset[train] row 7"); not part of
+    # the fact's identity
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         record = {name: getattr(self, name) for name in FACT_FIELDS}
@@ -112,7 +115,7 @@ class Fact:
         targets = {k: v if v[:1].isspace() else " " + v for k, v in values.items() if k.startswith("target")}
         if targets["target_true"] == targets["target_false"]:
             raise DataError(f"{where}: target_true and target_false are both {targets['target_true']!r}")
-        return cls(prompt, subject, targets["target_true"], targets["target_false"], relation_id, case_id, meta)
+        return cls(prompt, subject, targets["target_true"], targets["target_false"], relation_id, case_id, meta, where)
 
 
 def _text(value, name: str, where: str) -> str:

@@ -7,6 +7,9 @@ JSON Lines file with one record per line:
 
     {"clean": "...", "corrupted": "...", "answer": " John", "foil": " Mary"}
 
+An example read from a file remembers where (`source`, "pairs.jsonl:12"), so that an
+error found later, when it is tokenised, names the line to fix.
+
 Optional fields: "group" (examples of one group share token structure and are
 averaged together in figures) and "roles" (a map from role name to the word that
 plays it, e.g. {"IO": " John", "S": " Mary"}, used to label positions whose tokens
@@ -37,6 +40,8 @@ class PromptPair:
     group: str | None = None
     roles: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    # where the record was read ("pairs.jsonl:12"); not part of the example's identity
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         return record_json(self, PAIR_FIELDS)
@@ -64,7 +69,14 @@ class PromptPair:
             group=group,
             roles=roles,
             meta=meta,
+            source=where,
         )
+
+
+def example_location(example, index: int) -> str:
+    """Where an example is, for an error: the file and line it was read from
+    ("pairs.jsonl:12"), or its index when it was not read from a file."""
+    return getattr(example, "source", None) or f"example {index}"
 
 
 def record_json(example, fields: tuple[str, ...]) -> dict:
@@ -197,7 +209,7 @@ def continuation_token(tokenizer, prompt: str, prompt_ids: list[int], text: str,
         pieces = token_strings(tokenizer, added)
         raise MultiTokenError(
             f"{where}: the {what} {text!r} is {len(added)} tokens {pieces} for this tokenizer; "
-            f"the metric compares single next tokens, so choose a {what} that is one token"
+            f"the metric compares single next tokens, so the {what} must be one token"
         )
     return added[0]
 
@@ -216,7 +228,7 @@ def answer_and_foil_tokens(tokenizer, prompt: str, prompt_ids: list[int], answer
 
 
 def tokenize_pair(tokenizer, pair: PromptPair, index: int) -> TokenizedPair:
-    where = f"example {index}"
+    where = example_location(pair, index)
     clean_ids = tokenizer(pair.clean).input_ids
     corrupted_ids = tokenizer(pair.corrupted).input_ids
     if len(clean_ids) != len(corrupted_ids):

@@ -5,6 +5,10 @@ data file...), its methods say where its data comes from, and a base class for e
 kind of experiment (`PatchingExperiment`, ...) supplies `compile`, which turns it into
 trace plans for a given model. The user's class declares; it never writes a trace.
 
+Parameters are typed by their fields' annotations (`nnexp.params`): every value,
+from Python, a stored spec or the command line, is coerced to its field's type or
+refused with one line when the experiment is constructed, before any model loads.
+
 Experiments are serialisable: `spec()` is plain JSON (the class reference and every
 parameter), saved with the results, and `experiment_from_spec` rebuilds the same
 experiment from it, which is how a stored run is resumed.
@@ -21,6 +25,7 @@ from typing import Any, ClassVar
 
 from .data import file_fingerprint
 from .errors import ConfigError
+from .params import coerce_params, validate_fields
 from .registry import EXPERIMENTS, import_file
 
 
@@ -35,6 +40,11 @@ class Experiment:
 
     Fields:
         data: a data file to read examples from; None uses `default_examples()`.
+
+    Annotate every field precisely (`bool`, `int`, `tuple[int, ...] | None`...): the
+    annotation is what a value is checked and coerced against (`nnexp.params`). A
+    subclass's `__post_init__` calls `super().__post_init__()` first, then checks what
+    its values mean (known sites, positive windows).
     """
 
     name: ClassVar[str] = ""
@@ -42,6 +52,9 @@ class Experiment:
     examples_per_trace: ClassVar[int] = 1
 
     data: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
     # -- data -----------------------------------------------------------------
 
@@ -97,7 +110,8 @@ class Experiment:
                 f"experiment {cls.name or cls.__name__!r} has no parameter(s) {', '.join(unknown)}; "
                 f"its parameters are: {', '.join(sorted(known))}"
             )
-        return cls(**params)
+        # coerced here too, so a subclass whose __post_init__ skips super() is still typed
+        return cls(**coerce_params(cls, params))
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import PromptPair, answer_and_foil_tokens, group_and_roles, load_examples, record_json, token_strings
+from .data import (PromptPair, answer_and_foil_tokens, example_location, group_and_roles, load_examples, record_json,
+                   token_strings)
 from .errors import DataError
 
 PROMPT_FIELDS = ("prompt", "answer", "foil")
@@ -30,6 +31,8 @@ class Prompt:
     group: str | None = None
     roles: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    # where the record was read ("prompts.jsonl:12"); not part of the example's identity
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
         return record_json(self, PROMPT_FIELDS)
@@ -38,7 +41,7 @@ class Prompt:
     def from_pair(cls, pair: PromptPair) -> Prompt:
         """The clean prompt of a patching pair (the corrupted prompt is kept in meta)."""
         return cls(pair.clean, pair.answer, pair.foil, pair.group, dict(pair.roles),
-                   {"corrupted": pair.corrupted, **pair.meta})
+                   {"corrupted": pair.corrupted, **pair.meta}, pair.source)
 
     @classmethod
     def from_json(cls, record, where: str) -> Prompt:
@@ -59,7 +62,7 @@ class Prompt:
                 raise DataError(f"{where}: field {name!r} must be a non-empty string, got {record[name]!r}")
         group, roles = group_and_roles(record, where)
         meta = {k: v for k, v in record.items() if k not in (key, "answer", "foil", "group", "roles")}
-        return cls(record[key], record["answer"], record["foil"], group, roles, meta)
+        return cls(record[key], record["answer"], record["foil"], group, roles, meta, where)
 
 
 def load_prompts(path) -> list[Prompt]:
@@ -94,7 +97,7 @@ class TokenizedPrompt:
 
 
 def tokenize_prompt(tokenizer, prompt: Prompt, index: int) -> TokenizedPrompt:
-    where = f"example {index}"
+    where = example_location(prompt, index)
     ids = tokenizer(prompt.prompt).input_ids
     answer_id, foil_id = answer_and_foil_tokens(tokenizer, prompt.prompt, ids, prompt.answer, prompt.foil, where)
     return TokenizedPrompt(index, prompt, ids, answer_id, foil_id, token_strings(tokenizer, ids))

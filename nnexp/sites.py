@@ -156,6 +156,13 @@ def _check_indices(values, n: int, what: str, count: str) -> list[int]:
     return out
 
 
+def check_selection(values: tuple[int, ...] | None, name: str) -> None:
+    """A selection of layers or heads is None (all of them) or names at least one: an
+    empty one would sweep nothing."""
+    if values is not None and not values:
+        raise ConfigError(f"{name} is empty; name at least one, or leave {name} unset (none) for all")
+
+
 def check_layers(layers, arch: Architecture) -> list[int]:
     return _check_indices(layers, arch.n_layers, "layer", "layers")
 

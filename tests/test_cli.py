@@ -96,7 +96,9 @@ def _one_line_error(result, *fragments):
         (["run", "ioi-patching", "--sites", "resid_post,residual"], ["unknown site 'residual'", "resid_pre"]),
         (["run", "ioi-patching", "--layers", "0,3"], ["layer 3 is out of range", "3 layers"]),
         (["run", "ioi-patching", "--heads", "4"], ["head 4 is out of range", "4 attention heads"]),
-        (["run", "ioi-patching", "--layers", "zero"], ["comma-separated integers"]),
+        (["run", "ioi-patching", "--layers", "zero"], ["parameter layers is 'zero'", "integers, comma-separated"]),
+        (["run", "ioi-patching", "--set", "n_examples=4.0"], ["parameter n_examples is '4.0'", "an integer"]),
+        (["run", "ioi-patching", "--set", "skip_shared_prefix=no"], ["parameter skip_shared_prefix is 'no'", "true or false"]),
         (["run", "ioi-patching", "--metric", "accuracy"], ["unknown metric 'accuracy'", "logit_diff"]),
         (["run", "ioi-patching", "--positions", "99"], ["position 99 is out of range", "example 0"]),
         (["run", "ioi-patching", "--positions", "3,3"], ["name a position twice"]),
@@ -128,9 +130,9 @@ def test_bad_models_give_one_line_errors(tmp_path):
 @pytest.mark.parametrize(
     "record, fragments",
     [
-        ({"corrupted": "When Tom and James went to the park, Christopherson gave the ball to"}, ["example 1", "same length"]),
-        ({"answer": " Christopherson"}, ["example 1", "answer ' Christopherson'", "one token"]),
-        ({"foil": " Tom"}, ["example 1", "same token"]),
+        ({"corrupted": "When Tom and James went to the park, Christopherson gave the ball to"}, ["pairs.jsonl:2", "same length"]),
+        ({"answer": " Christopherson"}, ["pairs.jsonl:2", "answer ' Christopherson'", "one token"]),
+        ({"foil": " Tom"}, ["pairs.jsonl:2", "same token"]),
     ],
 )
 def test_bad_examples_fail_before_computing(tmp_path, tiny_gpt2_folder, record, fragments):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from nnexp import DataError, PromptPair, load_prompt_pairs
+from nnexp.counterfact import load_facts
 from nnexp.data import tokenize_pair
+from nnexp.kinds.facts import tokenize_fact
+from nnexp.prompts import load_prompts, tokenize_prompt
 from nnexp_experiments.ioi import NAMES, TEMPLATES, classic_ioi, generate_ioi
 from tests.helpers import make_gpt2_tokenizer
 
@@ -126,3 +130,60 @@ def test_answer_merging_with_prompt_is_refused(tok):
     pair = PromptPair(clean=GOOD["clean"] + " ", corrupted=GOOD["corrupted"] + " ", answer="Tom", foil="James")
     with pytest.raises(DataError, match="merges with the end of the prompt"):
         tokenize_pair(tok, pair, 0)
+
+
+# -- token-level errors name the file and line of the record (issue 20) --------------------
+
+
+def test_pair_errors_name_file_and_line(tmp_path, tok):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "answer": " Christopherson"}) + "\n")
+    pairs = load_prompt_pairs(path)
+    tokenize_pair(tok, pairs[0], 0)
+    with pytest.raises(DataError) as error:
+        tokenize_pair(tok, pairs[1], 1)
+    message = str(error.value)
+    assert message.startswith(f"{path}:3: the answer ' Christopherson' is"), message
+    assert "example 1" not in message
+
+
+def test_prompt_errors_name_file_and_line(tmp_path, tok):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "The capital of France is", "answer": " Paris", "foil": " Paris"}) + "\n")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:1: answer ' Paris' and foil ' Paris' are the same token"):
+        tokenize_prompt(tok, load_prompts(path)[0], 0)
+
+
+def test_fact_errors_name_file_and_line(tmp_path, tok):
+    path = tmp_path / "facts.jsonl"
+    records = [{"prompt": "The capital of France is", "subject": "France", "target_true": " Paris",
+                "target_false": " Rome"},
+               {"prompt": "The capital of Vietnam is", "subject": "Vietnam", "target_true": " Hanoi",
+                "target_false": " Bangkok"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    facts = load_facts(path)
+    tokenize_fact(tok, facts[0], 0)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: the target_true ' Hanoi' is 3 tokens"):
+        tokenize_fact(tok, facts[1], 1)
+
+
+def test_examples_not_from_a_file_are_named_by_index(tok):
+    with pytest.raises(DataError, match="^example 7: the answer"):
+        tokenize_pair(tok, PromptPair(**{**GOOD, "answer": " Christopherson"}), 7)
+
+
+def test_the_source_is_not_part_of_an_example(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    (pair,) = load_prompt_pairs(path)
+    assert pair == PromptPair(**GOOD) and pair.to_json() == GOOD
+
+
+@pytest.mark.parametrize("what, record", [("answer", {"answer": " Christopherson"}),
+                                          ("foil", {"foil": " Christopherson"})])
+def test_multi_token_errors_read_as_english(tok, what, record):
+    """The multi-token error read "choose a answer"."""
+    with pytest.raises(DataError) as error:
+        tokenize_pair(tok, PromptPair(**{**GOOD, **record}), 0)
+    message = str(error.value)
+    assert "a answer" not in message and f"so the {what} must be one token" in message, message

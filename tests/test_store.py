@@ -91,6 +91,6 @@ def test_options_become_parameters():
                                       "--positions", "3,-1", "--metric", "prob", "--set", "skip_shared_prefix=false",
                                       "--include", "a.py", "--include", "b"])
     params = _experiment_params(PatchingExperiment, args)
-    assert params == {"sites": ("resid_post", "head_out"), "layers": [0, -1], "positions": [3, -1],
+    assert params == {"sites": ("resid_post", "head_out"), "layers": (0, -1), "positions": (3, -1),
                       "metric": "prob", "skip_shared_prefix": False}
     assert args.include == ["a.py", "b"]

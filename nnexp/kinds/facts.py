@@ -21,7 +21,7 @@ from typing import ClassVar
 from ..console import note
 from ..contract import CompiledExperiment
 from ..counterfact import Fact, load_counterfact, load_facts
-from ..data import MultiTokenError, answer_and_foil_tokens, token_strings
+from ..data import MultiTokenError, answer_and_foil_tokens, example_location, token_strings
 from ..errors import ConfigError, DataError
 from ..experiment import Experiment
 from ..subject import subject_span
@@ -52,6 +52,7 @@ class FactExperiment(Experiment):
     multi_token: str = "error"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.multi_token not in MULTI_TOKEN:
             raise ConfigError(f"multi_token is {self.multi_token!r}; choose 'error' or 'skip'")
 
@@ -98,7 +99,7 @@ class TokenizedFact:
 
 
 def tokenize_fact(tokenizer, fact: Fact, index: int, hint: str = "") -> TokenizedFact:
-    where = f"example {index}"
+    where = example_location(fact, index)
     ids = tokenizer(fact.prompt).input_ids
     try:
         true_id, false_id = answer_and_foil_tokens(tokenizer, fact.prompt, ids, fact.target_true, fact.target_false,

@@ -51,18 +51,15 @@ class RecallExperiment(FactExperiment):
                               "or 'true' (the fact's true target)")
 
 
-def check_window(window, name: str = "window") -> int:
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+def check_window(window: int, name: str = "window") -> int:
+    if window < 1:
         raise ConfigError(f"{name} is {window!r}; give a positive number of layers")
     return window
 
 
-def check_choices(values, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
-    """A non-empty tuple of distinct names from `allowed` (a single name, or names
-    separated by commas as `--set restore=mlp_out,attn_out` gives them, are accepted)."""
-    if isinstance(values, str):
-        values = tuple(part.strip() for part in values.split(",") if part.strip())
-    values = tuple(values)
+def check_choices(values: tuple[str, ...], allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """A non-empty tuple of distinct names from `allowed` (the field's type already made
+    a tuple of a JSON list or of comma-separated text, `nnexp.params`)."""
     if not values:
         raise ConfigError(f"{name} is empty; choose from {', '.join(allowed)}")
     for value in values:

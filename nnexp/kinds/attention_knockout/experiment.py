@@ -32,7 +32,7 @@ import torch
 from ...errors import ConfigError
 from ...labelled import LabelledTensor
 from ...results import ExampleRecord
-from ...sites import attention_mask_point, check_layers
+from ...sites import attention_mask_point, check_layers, check_selection
 from ...tracing.runs import Run, RunEdit, window
 from ..facts import TokenizedFact
 from ..recall import CompiledRunsExperiment, RecallExperiment, check_choices, check_window
@@ -66,15 +66,14 @@ class AttentionKnockoutExperiment(RecallExperiment):
     multi_token_hint: ClassVar[str] = "knockout measures one next token"
 
     window: int = 9
-    sources: tuple = SOURCES
-    layers: tuple | None = None
+    sources: tuple[str, ...] = SOURCES
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.window = check_window(self.window)
         self.sources = check_choices(self.sources, SOURCES, "sources")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
+        check_selection(self.layers, "layers")
 
     def compile(self, model) -> CompiledAttentionKnockout:
         return CompiledAttentionKnockout(self, model)

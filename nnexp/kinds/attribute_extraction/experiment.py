@@ -33,12 +33,12 @@ from typing import ClassVar
 import torch
 
 from ...contract import ChunkPlan, expect_rows
-from ...data import token_strings
+from ...data import example_location, token_strings
 from ...errors import ConfigError, DataError, ResultsError
 from ...labelled import LabelledTensor
 from ...models.architectures import _get_module
 from ...results import ExampleRecord
-from ...sites import check_layers, resolve_site
+from ...sites import check_layers, check_selection, resolve_site
 from ...tracing.execute import positions_job
 from ...tracing.memory import rows_for_budget
 from ...tracing.plan import left_pad, row_batches
@@ -66,22 +66,21 @@ class AttributeExtractionExperiment(RecallExperiment):
     examples_per_trace: ClassVar[int] = 16
     multi_token_hint: ClassVar[str] = "extraction ranks one attribute token"
 
-    positions: tuple = POSITIONS
-    sites: tuple = EXTRACTION_SITES
-    projections: tuple = PROJECTIONS
+    positions: tuple[str, ...] = POSITIONS
+    sites: tuple[str, ...] = EXTRACTION_SITES
+    projections: tuple[str, ...] = PROJECTIONS
     top_k: int = 10
     attributes_file: str | None = None
-    layers: tuple | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.positions = check_choices(self.positions, POSITIONS, "positions")
         self.sites = check_choices(self.sites, EXTRACTION_SITES, "sites")
         self.projections = check_choices(self.projections, PROJECTIONS, "projections")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+        if self.top_k < 1:
             raise ConfigError(f"top_k is {self.top_k!r}; give a positive number of tokens")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
+        check_selection(self.layers, "layers")
 
     def compile(self, model) -> CompiledAttributeExtraction:
         return CompiledAttributeExtraction(self, model)
@@ -148,7 +147,7 @@ class CompiledAttributeExtraction(CompiledRecall):
     def words(self, fact: TokenizedFact) -> list[str] | None:
         words = fact.fact.meta.get("attributes")
         if words is not None:
-            return check_words(words, f"example {fact.index}")
+            return check_words(words, example_location(fact.fact, fact.index))
         return self.attributes.get(fact.fact.subject)
 
     def position(self, fact: TokenizedFact, name: str) -> int:

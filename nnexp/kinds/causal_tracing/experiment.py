@@ -39,7 +39,7 @@ from ...console import note
 from ...errors import ConfigError
 from ...labelled import LabelledTensor
 from ...results import ExampleRecord
-from ...sites import check_layers, embedding_point, resolve_site
+from ...sites import check_layers, check_selection, embedding_point, resolve_site
 from ...tracing.execute import read_positions
 from ...tracing.plan import left_pad
 from ...tracing.runs import Run, RunEdit, window
@@ -70,28 +70,25 @@ class CausalTracingExperiment(RecallExperiment):
     multi_token_hint: ClassVar[str] = "causal tracing measures the probability of one next token"
 
     attribute: str = "true"
-    restore: tuple = RESTORE_SITES
+    restore: tuple[str, ...] = RESTORE_SITES
     window: int = 10
     samples: int = 10
     seed: int = 0
     noise_scale: float = 3.0
     noise_std: float | None = None
-    layers: tuple | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.restore = check_choices(self.restore, RESTORE_SITES, "restore")
         self.window = check_window(self.window)
-        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 1:
+        if self.samples < 1:
             raise ConfigError(f"samples is {self.samples!r}; give a positive number of noise samples")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed is {self.seed!r}; give an integer")
         for name in ("noise_scale", "noise_std"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and value <= 0:
                 raise ConfigError(f"{name} is {value!r}; give a positive number")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
+        check_selection(self.layers, "layers")
 
     def compile(self, model) -> CompiledCausalTracing:
         return CompiledCausalTracing(self, model)

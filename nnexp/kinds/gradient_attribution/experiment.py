@@ -42,7 +42,7 @@ from ...errors import ConfigError
 from ...labelled import LabelledTensor
 from ...metrics import get_metric
 from ...results import ExampleRecord
-from ...sites import check_layers, resolve_site
+from ...sites import check_layers, check_selection, resolve_site
 from ...tracing import memory
 from ...tracing.execute import gradient_job
 from ...tracing.plan import left_pad, row_batches
@@ -70,7 +70,7 @@ class GradientAttributionExperiment(FactExperiment):
 
     site: str = "mlp_out"
     metric: str = "contrast_prob_diff"
-    layers: tuple | None = None
+    layers: tuple[int, ...] | None = None
     keep_hidden: bool = False
 
     def __post_init__(self) -> None:
@@ -78,8 +78,7 @@ class GradientAttributionExperiment(FactExperiment):
         if self.site not in GRADIENT_SITES:
             raise ConfigError(f"site {self.site!r} is not supported for gradient attribution; choose one of {', '.join(GRADIENT_SITES)}")
         get_metric(self.metric)  # unknown metric -> clear error
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
+        check_selection(self.layers, "layers")
 
     def compile(self, model) -> CompiledGradientAttribution:
         return CompiledGradientAttribution(self, model)

@@ -79,20 +79,19 @@ class LogitAttributionExperiment(Experiment):
     # one row per prompt: a batch of 16 is still a small forward pass
     examples_per_trace: ClassVar[int] = 16
 
-    analyses: tuple = ANALYSES
+    analyses: tuple[str, ...] = ANALYSES
     top_k: int = 10
     tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
-        if isinstance(self.analyses, str):
-            self.analyses = (self.analyses,)
+        super().__post_init__()
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown or not self.analyses:
             raise ConfigError(
                 f"analyses {list(self.analyses)} are not valid; choose one or more of {', '.join(ANALYSES)}"
             )
         self.analyses = tuple(a for a in ANALYSES if a in self.analyses)
-        if not isinstance(self.top_k, int) or self.top_k < 1:
+        if self.top_k < 1:
             raise ConfigError(f"top_k is {self.top_k!r}; it must be a positive integer")
         if not self.tolerance > 0:
             raise ConfigError(f"tolerance is {self.tolerance!r}; it must be positive")

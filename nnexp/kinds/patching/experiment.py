@@ -37,26 +37,26 @@ import torch
 
 from ...console import note
 from ...contract import ChunkPlan, CompiledExperiment, expect_rows
-from ...data import PromptPair, TokenizedPair, load_prompt_pairs, tokenize_pair
+from ...data import PromptPair, TokenizedPair, example_location, load_prompt_pairs, tokenize_pair
 from ...errors import ConfigError
 from ...experiment import Experiment
 from ...labelled import LabelledTensor
 from ...metrics import get_metric
 from ...results import ExampleRecord
-from ...sites import check_heads, check_layers, check_site, is_per_head, resolve_site
+from ...sites import check_heads, check_layers, check_selection, check_site, is_per_head, resolve_site
 from ...tracing.execute import plan_job
 from ...tracing.memory import rows_for_budget
 from ...tracing.plan import TracePlan
 from ...tracing.runs import Run, RunEdit, build_plan, pack_runs
 
 
-def _check_positions(value, field_name: str):
+def _check_positions(value: str | tuple[int, ...], field_name: str) -> str | tuple[int, ...]:
     if value in ("each", "all"):
         return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+    if isinstance(value, tuple) and value:
         if len(set(value)) != len(value):
             raise ConfigError(f"{field_name} {list(value)} name a position twice; list each position once")
-        return list(value)
+        return value
     raise ConfigError(
         f"{field_name} must be 'each', 'all' or a non-empty list of integer positions, got {value!r}"
     )
@@ -77,24 +77,24 @@ class PatchingExperiment(Experiment):
             corrupted share at the start (exact no-ops under causal attention).
     """
 
-    sites: tuple = ("resid_post",)
-    positions: object = "each"
-    head_positions: object = "all"
-    layers: tuple | None = None
-    heads: tuple | None = None
+    sites: tuple[str, ...] = ("resid_post",)
+    positions: str | tuple[int, ...] = "each"
+    head_positions: str | tuple[int, ...] = "all"
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
     metric: str = "logit_diff"
     skip_shared_prefix: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.sites, str):
-            self.sites = (self.sites,)
+        super().__post_init__()
         if not self.sites:
             raise ConfigError("sites is empty; name at least one site to patch")
         for site in self.sites:
             check_site(site)
         if len(set(self.sites)) != len(self.sites):
             raise ConfigError(f"sites {list(self.sites)} name a site twice; list each site once")
-        self.sites = tuple(self.sites)
+        check_selection(self.layers, "layers")
+        check_selection(self.heads, "heads")
         self.positions = _check_positions(self.positions, "positions")
         self.head_positions = _check_positions(self.head_positions, "head_positions")
         get_metric(self.metric)
@@ -180,7 +180,8 @@ class CompiledPatching(CompiledExperiment):
                 groups = [list(range(n))]
                 position_labels = None
             else:
-                chosen = list(range(n)) if spec == "each" else [self._position(p, n, index) for p in spec]
+                where = example_location(example, index)
+                chosen = list(range(n)) if spec == "each" else [self._position(p, n, where) for p in spec]
                 groups = [[p] for p in chosen]
                 position_labels = chosen
             dims: tuple[str, ...] = ("layer", "head") if is_head else ("layer",)
@@ -199,10 +200,10 @@ class CompiledPatching(CompiledExperiment):
         return _Item(pair, cells, axes)
 
     @staticmethod
-    def _position(p: int, n: int, index: int) -> int:
+    def _position(p: int, n: int, where: str) -> int:
         if not -n <= p < n:
             raise ConfigError(
-                f"position {p} is out of range for example {index}, which has {n} tokens "
+                f"position {p} is out of range for {where}, which has {n} tokens "
                 f"(0-{n - 1}; negative positions count from the end)"
             )
         return p % n

@@ -28,7 +28,7 @@ from ...console import note
 from ...errors import ConfigError
 from ...labelled import LabelledTensor
 from ...results import ExampleRecord
-from ...sites import check_layers, resolve_site
+from ...sites import check_layers, check_selection, resolve_site
 from ...tracing.execute import sum_over_tokens
 from ...tracing.plan import left_pad
 from ...tracing.runs import Run, RunEdit, window
@@ -55,11 +55,11 @@ class SublayerKnockoutExperiment(RecallExperiment):
     examples_per_trace: ClassVar[int] = 4
     multi_token_hint: ClassVar[str] = "sublayer knockout measures one next token"
 
-    sublayers: tuple = SUBLAYERS
+    sublayers: tuple[str, ...] = SUBLAYERS
     ablation: str = "zero"
-    positions: tuple = POSITIONS
+    positions: tuple[str, ...] = POSITIONS
     window: int = 9
-    layers: tuple | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,8 +68,7 @@ class SublayerKnockoutExperiment(RecallExperiment):
         if self.ablation not in ABLATIONS:
             raise ConfigError(f"ablation is {self.ablation!r}; choose 'zero' or 'mean'")
         self.window = check_window(self.window)
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
+        check_selection(self.layers, "layers")
 
     def compile(self, model) -> CompiledSublayerKnockout:
         return CompiledSublayerKnockout(self, model)
