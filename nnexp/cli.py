@@ -272,7 +272,7 @@ def _resume(args, collect_only: bool = False, wait: bool = True):
         dtype="float32" if is_remote_model else spec["model"]["dtype"],
         examples_per_trace=getattr(args, "examples_per_trace", None) or spec["run"].get("examples_per_trace"),
         max_rows=getattr(args, "max_rows", None) or spec["run"].get("max_rows"),
-        memory_budget=getattr(args, "memory_budget", None),
+        memory_budget=getattr(args, "memory_budget", None) or spec["run"].get("memory_budget"),
         load_in_8bit=spec["model"].get("quantization") == "8bit",
         figures=not args.no_figures,
         backend=backend,
