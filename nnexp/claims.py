@@ -33,8 +33,12 @@ class Claim:
 
     def release(self, stored: bool) -> None:
         if stored:
-            # Removed while still held, so no other process can be holding it.
-            Path(self._lock.lock_file).unlink(missing_ok=True)
+            # Removed while still held, so no other process can be holding it (where the
+            # system refuses to remove an open file, Windows, it simply stays).
+            try:
+                Path(self._lock.lock_file).unlink(missing_ok=True)
+            except OSError:
+                pass
         self._lock.release()
 
 
