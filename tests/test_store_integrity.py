@@ -33,6 +33,7 @@ from nnexp.results import ExampleRecord
 from nnexp.store import FORMAT, RunDirectory, load_results
 from tests.helpers import (
     NNEXP,
+    REPO,
     cli,
     example_writer,
     flip_tensor_byte,
@@ -402,6 +403,30 @@ def test_an_unknown_model_name_is_one_line_without_retries(tmp_path):
                    "did you mean 'smollm2-135m'?")
 
 
+def test_a_cached_hub_model_loads_while_the_hub_is_unreachable(tmp_path, tiny_gpt2_folder):
+    """Unreachable hub (an endpoint where nothing listens), HF_HUB_OFFLINE not set: a
+    model downloaded before is read from the hub cache, without a wall of retries."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--nnexp-test--tiny-gpt2"
+    shutil.copytree(tiny_gpt2_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = "from nnexp import load_model; print(load_model('nnexp-test/tiny-gpt2').arch.n_layers)"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        env.pop(proxy, None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "3" and "Retry" not in result.stderr
+
+
 # -- several processes in one directory ------------------------------------------------------
 
 
@@ -470,8 +495,12 @@ def test_processes_sharing_a_directory_compute_each_example_once(tmp_path, tiny_
             "--sites", "resid_post,head_out", "--head-positions", "each"]
 
     def start():
-        return subprocess.Popen(NNEXP + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        # stderr to a file, not a pipe nobody reads while the run goes on (a full pipe would block it)
+        log = (tmp_path / f"stderr-{len(list(tmp_path.glob('stderr-*')))}").open("w")
+        process = subprocess.Popen(NNEXP + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=log)
+        process.log = Path(log.name)
+        log.close()
+        return process
 
     def wait_until(condition, what):
         deadline = time.monotonic() + 240
@@ -480,25 +509,26 @@ def test_processes_sharing_a_directory_compute_each_example_once(tmp_path, tiny_
             assert victim.poll() is None, "the first process finished before it could be killed"
             time.sleep(0.01)
 
-    victim, others = start(), []
+    victim, *others = processes = [start(), start(), start()]
     try:
         wait_until(lambda: list(_stored_by(out).values()).count(victim.pid) >= 2, "the first process stored examples")
-        others = [start(), start()]
         for other in others:
             wait_until(lambda pid=other.pid: pid in _stored_by(out).values(), "every process stored an example")
         victim.send_signal(signal.SIGKILL)
         victim.wait(60)
-        finished = [other.communicate(timeout=600) for other in others]
+        for other in others:
+            other.wait(600)
     finally:
-        for process in [victim, *others]:
+        for process in processes:
             if process.poll() is None:
                 process.kill()
-    for other, (_, err) in zip(others, finished):
+    finished = [other.log.read_text() for other in others]
+    for other, err in zip(others, finished):
         assert other.returncode == 0 and "Traceback" not in err, err
     writers = _stored_by(out)
     assert sorted(writers) == list(range(n))
     # each survivor stored exactly the examples it says it computed: none was written twice
-    for other, (_, err) in zip(others, finished):
+    for other, err in zip(others, finished):
         computed = int(re.search(r"computed (\d+) examples here", err).group(1))
         assert computed == list(writers.values()).count(other.pid), err
     assert set(writers.values()) <= {victim.pid, *(other.pid for other in others)}
