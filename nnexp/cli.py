@@ -4,7 +4,7 @@
     nnexp run ioi-patching [--model smollm2-135m] [--device cpu] [--data FILE] [--limit N] [--out DIR]
     nnexp run counterfact-attribution [--metric contrast_logits_diff] [--site attn_out] [--load-in-8bit]
     nnexp resume results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
-    nnexp plot results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
+    nnexp plot results/ioi-patching/smollm2-135m/run-1a2b3c4d5e [--allow-missing]
     nnexp run ioi-patching --backend remote [--remote-host URL] [--no-wait]
     nnexp fetch results/ioi-patching/HuggingFaceTB--SmolLM2-135M-Instruct/run-...
 
@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its results directory")
     resume.add_argument("directory")
-    resume.add_argument("--limit", type=int, default=None, help="compute only the first N examples")
+    resume.add_argument("--limit", type=int, default=None,
+                        help="compute the first N examples (default: the run's own --limit, if it had one)")
     _add_run_options(resume)
     _add_include(resume)
 
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="redraw the figures of a results directory")
     plot.add_argument("directory")
+    plot.add_argument("--allow-missing", dest="allow_missing", action="store_true",
+                      help="draw from the examples there are when some of the run's are missing or damaged")
     plot.add_argument("--quiet", action="store_true")
     _add_include(plot)
     return parser
@@ -226,7 +229,7 @@ def _model_reference(model_spec: dict) -> str:
 
 def _resume(args, collect_only: bool = False, wait: bool = True):
     """Continue the run in `args.directory` as it was started (its experiment, model,
-    backend and host), with the options given now."""
+    backend, host and limit), with the options given now."""
     from .experiment import experiment_from_spec
     from .runner import run
     from .store import RunDirectory
@@ -243,12 +246,12 @@ def _resume(args, collect_only: bool = False, wait: bool = True):
         experiment,
         model=_model_reference(spec["model"]),
         out=args.directory,
-        limit=getattr(args, "limit", None),
+        limit=spec["run"].get("limit") if getattr(args, "limit", None) is None else args.limit,
         device=getattr(args, "device", "cpu"),
         dtype="float32" if is_remote_model else spec["model"]["dtype"],
         examples_per_trace=getattr(args, "examples_per_trace", None) or spec["run"].get("examples_per_trace"),
         max_rows=getattr(args, "max_rows", None) or spec["run"].get("max_rows"),
-        memory_budget=getattr(args, "memory_budget", None),
+        memory_budget=getattr(args, "memory_budget", None) or spec["run"].get("memory_budget"),
         load_in_8bit=spec["model"].get("quantization") == "8bit",
         figures=not args.no_figures,
         backend=backend,
@@ -277,11 +280,15 @@ def cmd_fetch(args) -> None:
 
 def cmd_plot(args) -> None:
     from .experiment import experiment_from_spec
-    from .store import load_results
+    from .runner import draw_figures
+    from .store import RunDirectory, describe_indices, load_results
 
-    results = load_results(args.directory)
+    results = load_results(args.directory, allow_missing=args.allow_missing)
+    if results.missing:
+        console.note(f"drawing the {len(results)} examples there are; {len(results.missing)} of the run's are missing "
+                     f"({describe_indices(results.missing)})")
     experiment = experiment_from_spec(results.spec["experiment"])
-    written = experiment.figures(results, results.path / "figures")
+    written = draw_figures(experiment, results, RunDirectory(results.path))
     console.note(f"wrote {len(written)} figure files to {results.path / 'figures'}")
 
 

@@ -24,3 +24,7 @@ class ConfigError(NnexpError):
 
 class ResultsError(NnexpError):
     """A results directory that cannot be read, or belongs to another run."""
+
+
+class StoreWriteError(ResultsError):
+    """A results directory that cannot be written (full disk, read-only, not a folder)."""

@@ -43,12 +43,17 @@ class ExampleRecord:
 
 
 class Results:
-    """Everything stored for one run: its spec and one record per finished example."""
+    """Everything stored for one run: its spec and one record per finished example.
 
-    def __init__(self, path: Path, spec: dict, records: list[ExampleRecord]) -> None:
+    `missing` lists the examples the run computes that are not here (not computed yet,
+    or damaged); it is empty unless the results were loaded with `allow_missing=True`.
+    """
+
+    def __init__(self, path: Path, spec: dict, records: list[ExampleRecord], missing=()) -> None:
         self.path = Path(path)
         self.spec = spec
         self.records = sorted(records, key=lambda r: r.index)
+        self.missing: list[int] = sorted(missing)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -60,7 +65,11 @@ class Results:
         return self.records[i]
 
     def __repr__(self) -> str:
-        return f"Results({self.spec.get('experiment', {}).get('name')!r}, {len(self)} examples, {self.path})"
+        missing = ""
+        if self.missing:
+            shown = ", ".join(map(str, self.missing[:8])) + (", ..." if len(self.missing) > 8 else "")
+            missing = f", {len(self.missing)} missing ({shown})"
+        return f"Results({self.spec.get('experiment', {}).get('name')!r}, {len(self)} examples{missing}, {self.path})"
 
     @property
     def names(self) -> list[str]:

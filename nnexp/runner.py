@@ -1,9 +1,16 @@
 """`run`: examples -> tokens -> trace plans -> traces -> stored results -> figures.
 
-The runner is the same for every experiment kind. It validates all examples before
+The runner is the same for every experiment kind. It checks that the results
+directory can be written before loading the model, validates all examples before
 computing anything (bad data fails in seconds, not after an hour), skips examples
 already stored in the run directory, runs the rest in chunks with a progress bar,
 stores each example the moment its chunk finishes, and draws figures at the end.
+
+Several processes may run the same command into one directory: each claims the
+examples of a chunk before computing them (`nnexp.claims`), leaves to the others
+what they claimed, and when nothing is left to claim waits for theirs, computing any
+that a failed or killed process let go unstored. Every process ends with the whole
+run stored, and no example is computed twice.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import time
+from collections import deque
 from pathlib import Path
 
 from .console import note, progress
 from .contract import ChunkPlan, CompiledExperiment
-from .errors import ConfigError, ResultsError
+from .disk import check_writable
+from .errors import ConfigError, ResultsError, StoreWriteError
 from .experiment import Experiment
 from .interrupts import InterruptGuard
 from .models import Model, load_model
@@ -56,7 +65,8 @@ def build_spec(experiment: Experiment, model: Model, n_examples: int, options: d
 
 class Chunks:
     """Plans, runs (or submits) and stores chunks of examples, each the moment it
-    finishes; collects chunks submitted earlier. The only place executors are called."""
+    finishes; collects chunks submitted earlier. The only place executors are called.
+    Every example is claimed before it is computed (see the module docstring)."""
 
     def __init__(self, compiled: CompiledExperiment, directory: RunDirectory, executor: Executor, bound: int | None,
                  bar, interrupts: InterruptGuard) -> None:
@@ -69,6 +79,8 @@ class Chunks:
         self.received = 0  # examples whose results came back from a server in this call
         self.submitted = 0
         self.still_running = 0
+        self.computed = 0  # examples this process computed (or submitted)
+        self.by_others = 0  # examples another process stored while this one ran
         self.remote = isinstance(executor, SubmittingExecutor)
 
     def _plan(self, chunk: list) -> ChunkPlan:
@@ -97,6 +109,65 @@ class Chunks:
         self.submitted += len(chunk)
         self.interrupts.check()
 
+    # -- sharing the directory with other processes -----------------------------------
+
+    def _settled(self, index: int) -> bool:
+        """Whether another process stored (or submitted) example `index` since this run looked."""
+        if self.directory.is_stored(index):
+            return True
+        return self.remote and any(index in job.examples for job in self.directory.read_jobs().values())
+
+    def _claim_chunk(self, queue: deque, size: int, others: list) -> tuple[list, list]:
+        """Up to `size` examples from the front of `queue` that this process claims;
+        those another process holds go to `others`."""
+        chunk, claims = [], []
+        while queue and len(chunk) < size:
+            item = queue.popleft()
+            claim = self.directory.try_claim(item.index)
+            if claim is None:
+                others.append(item)
+            elif self._settled(item.index):
+                claim.release(stored=True)
+                self._found_settled()
+            else:
+                chunk.append(item)
+                claims.append(claim)
+        return chunk, claims
+
+    def _found_settled(self) -> None:
+        self.by_others += 1
+        self.bar.update(1)
+
+    def compute(self, items: list, size: int, submit: bool) -> None:
+        """Compute (or submit) `items` in chunks of `size`, each example claimed first; then
+        wait for those other processes hold, and compute any they let go unstored."""
+        queue, others, waiting_noted = deque(items), [], False
+        while queue or others:
+            chunk, claims = self._claim_chunk(queue, size, others)
+            if not chunk and others:
+                if not waiting_noted:
+                    note(f"waiting for {len(others)} examples another process is computing in {self.directory.path}")
+                    waiting_noted = True
+                item = others.pop(0)
+                claim = self.directory.wait_claim(item.index)
+                queue.extendleft(reversed(others))
+                others = []
+                if self._settled(item.index):
+                    claim.release(stored=True)
+                    self._found_settled()
+                    continue
+                chunk, claims = [item], [claim]  # its holder stopped without storing it
+            if not chunk:
+                continue
+            done = False
+            try:
+                self.submit(chunk) if submit else self.run(chunk)
+                self.computed += len(chunk)
+                done = True
+            finally:
+                for claim in claims:
+                    claim.release(stored=done)
+
     def collect(self, jobs: dict[str, SubmittedJob], items: dict[int, object], done: set[int], wait: bool) -> None:
         """Fetch the chunks submitted earlier (waiting for each when `wait`), and decode
         each exactly as it was planned: its own examples, under its own row limit."""
@@ -118,17 +189,33 @@ class Chunks:
                     "now (the data, the experiment's code or nnexp changed), so its results cannot be decoded "
                     "safely; collect it with the nnexp and data that submitted it, or delete its entry and run "
                     f"`nnexp resume {self.directory.path}` to compute its examples again")
-            try:
-                values = self._poll(job_id, wait)
-            except RemoteRunError as error:
-                self.directory.forget_job(job_id)
-                raise RemoteRunError(f"{error}. Its examples will be resubmitted by `nnexp resume "
-                                     f"{self.directory.path}`") from None
-            if values is None:
-                self.still_running += len(chunk)
+            claims = [self.directory.try_claim(index) for index in job.examples]
+            if None in claims or job_id not in self.directory.read_jobs():
+                # another process is collecting it (or has)
+                for claim in claims:
+                    if claim is not None:
+                        claim.release(stored=False)
+                if job_id in self.directory.read_jobs():
+                    note(f"job {job_id} is being collected by another process")
+                    self.still_running += len(chunk)
                 continue
-            self._store(chunk, plan, values)
-            self.directory.forget_job(job_id)
+            stored = False
+            try:
+                try:
+                    values = self._poll(job_id, wait)
+                except RemoteRunError as error:
+                    self.directory.forget_job(job_id)
+                    raise RemoteRunError(f"{error}. Its examples will be resubmitted by `nnexp resume "
+                                         f"{self.directory.path}`") from None
+                if values is None:
+                    self.still_running += len(chunk)
+                    continue
+                self._store(chunk, plan, values)
+                self.directory.forget_job(job_id)
+                stored = True
+            finally:
+                for claim in claims:
+                    claim.release(stored=stored)
 
     def _poll(self, job_id: str, wait: bool) -> list | None:
         while True:
@@ -171,7 +258,8 @@ def run(
         model: a loaded `Model`, or a name for `load_model` (alias, folder or hub id).
         out: results directory; default `results/<experiment>/<model>/<run>/`, where
             <run> is derived from the parameters, so rerunning resumes.
-        limit: compute only the first `limit` examples.
+        limit: compute only the first `limit` examples (None: all). It is stored with the
+            run, and `nnexp resume` continues with it unless given another.
         device, dtype: used when `model` is a name.
         examples_per_trace: how many examples share one batched trace (default: the
             experiment kind's `examples_per_trace`; 1 for patching, whose single
@@ -201,6 +289,8 @@ def run(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit is {limit}; give a positive number of examples")
     remote = dict(remote or {})
+    # Refused now rather than after loading the model and computing the first chunk.
+    check_writable(out if out is not None else DEFAULT_RESULTS_ROOT / (experiment.name or ""))
     if isinstance(model, str):
         backend = backend or "local"
         model = load_model(model, device=device, dtype=dtype, load_in_8bit=load_in_8bit, backend=backend,
@@ -238,10 +328,14 @@ def run(
 
     options = {"examples_per_trace": examples_per_trace, "max_rows": max_rows, "memory_budget": memory_budget,
                "backend": executor.describe()}
+    if not collect_only:
+        options["limit"] = limit  # what `nnexp resume` continues (fetching changes no run's limit)
     spec = build_spec(experiment, model, total, options)
     directory = RunDirectory(out if out is not None else default_run_dir(spec))
     directory.open(spec)
-    done = directory.done()
+    done, damaged = directory.scan()
+    for index, error in sorted(damaged.items()):
+        note(f"{error.path} is damaged ({error.why}); example {index} is computed again")
     jobs = directory.read_jobs() if submitting else {}
     in_jobs = {index for job in jobs.values() for index in job.examples}
     wanted = total if limit is None else min(limit, total)
@@ -251,9 +345,11 @@ def run(
     # e.g. keep only the facts the model predicts (gradient attribution's only_correct)
     selected = compiled.select(candidates, examples_per_trace) if candidates else []
     items = {item.index: item for item in selected}
+    directory.add_skipped({item.index for item in candidates if item.index < wanted} - set(items))
     stored = sum(1 for index in done if index < wanted)
+    beyond = f"; the run is limited to its first {wanted} of {total} examples (--limit)" if wanted < total else ""
     if done:
-        note(f"resuming {directory.path}: {stored} of {wanted} examples already stored")
+        note(f"resuming {directory.path}: {stored} of {wanted} examples already stored{beyond}")
     else:
         note(f"writing results to {directory.path}")
     rest = [item for item in selected if item.index < wanted and item.index not in done and item.index not in in_jobs]
@@ -271,29 +367,36 @@ def run(
             if jobs:
                 chunks.collect(jobs, items, done, wait=wait)
             if collect_only:
-                if rest:
-                    note(f"{len(rest)} examples were never submitted (or their job failed); run `nnexp resume "
+                unsubmitted = [item for item in rest if not directory.is_stored(item.index)]
+                if unsubmitted:
+                    note(f"{len(unsubmitted)} examples were never submitted (or their job failed); run `nnexp resume "
                          f"{directory.path}` to compute them")
+                if wanted < total:
+                    note(f"examples {wanted} to {total - 1} lie beyond this run's --limit {wanted}; `nnexp resume "
+                         f"{directory.path} --limit {total}` computes them")
             else:
-                for start in range(0, len(rest), examples_per_trace):
-                    chunk = rest[start : start + examples_per_trace]
-                    chunks.run(chunk) if wait else chunks.submit(chunk)
+                chunks.compute(rest, examples_per_trace, submit=not wait)
     except BaseException as error:
-        # Whatever stopped the run (Ctrl-C, out of memory, a bad example), every
-        # finished example is already on disk; say so and how to continue.
         bar.close()
-        stored = len(directory.done())
-        what = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
-        note(f"{what}: {stored} examples are stored in {directory.path}; run the same command again to resume")
+        # A failed write says itself what is stored and what to do.
+        if not isinstance(error, StoreWriteError):
+            # Whatever stopped the run (Ctrl-C, out of memory, a bad example), every
+            # finished example is already on disk; say so and how to continue.
+            what = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
+            note(f"{what}: {directory.count_files()} examples are stored in {directory.path}; run the same command "
+                 "again to resume")
         raise
     bar.close()
+    if chunks.computed or chunks.by_others:
+        others = f"; {chunks.by_others} were computed by another process" if chunks.by_others else ""
+        note(f"{'computed' if wait else 'submitted'} {chunks.computed} examples here{others}")
     if submitting:
         stats = directory.add_remote_traffic(executor.describe(), executor.bytes_received, chunks.received)
         if chunks.received:
             note(f"received {executor.bytes_received:,} bytes from {executor.host} for {chunks.received} examples "
                  f"({executor.bytes_received // chunks.received:,} per example; {stats['bytes_per_example']:,} over the run)")
 
-    results = load_results(directory.path)
+    results = load_results(directory.path, allow_missing=True)
     directory.write_index(results.records)
     waiting = chunks.submitted + chunks.still_running
     if waiting:
@@ -303,7 +406,19 @@ def run(
     if any(index not in stored_now for index in items if index < wanted) and not collect_only:
         return results
     if figures:
-        written = experiment.figures(results, directory.figures_dir)
+        written = draw_figures(experiment, results, directory)
         if written:
             note(f"wrote {len(written)} figure files to {directory.figures_dir}")
     return results
+
+
+def draw_figures(experiment: Experiment, results: Results, directory: RunDirectory) -> list[Path]:
+    """The experiment's figures, drawn by one process at a time; a failed write is one
+    line that says the examples are stored and how to draw the figures again."""
+    try:
+        with directory.lock():
+            return experiment.figures(results, directory.figures_dir)
+    except OSError as error:
+        raise StoreWriteError(
+            f"cannot write the figures into {directory.figures_dir} ({error.strerror or error}); the {len(results)} "
+            f"examples are stored: fix that, then draw them with `nnexp plot {directory.path}`") from None

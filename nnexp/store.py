@@ -2,24 +2,35 @@
 
 Layout of `results/<experiment>/<model>/<run>/`:
 
-    spec.json                  experiment (class + every parameter), model, data, versions
+    spec.json                  experiment (class + every parameter), model, data, versions,
+                               the run's identity (`run_id`) and the options of its latest
+                               command (its --limit among them)
     examples/000000.safetensors  one file per finished example: its tensors, and in the
-                               header metadata its axis names, labels, scalars and info
-                               (prompts, token ids, token strings, answer, foil)
+                               header metadata its axis names, labels, scalars, info
+                               (prompts, token ids, token strings, answer, foil), the run's
+                               identity and a checksum (`nnexp.example_file`)
     examples.jsonl             a readable index: one line per stored example
+    skipped.json               examples the experiment chose not to compute (only_correct,
+                               multi_token=skip), so that they do not count as missing
     jobs.json                  remote runs: chunks submitted without waiting: job id, examples,
                                row limit and plan fingerprint (what decoding them needs)
     remote.json                remote runs: the host, and bytes received per example
     figures/                   plotly HTML (and PNG when a renderer is available)
+    .claims/, .nnexp.lock      which process computes which example, and a lock for the
+                               short updates of the files above (`nnexp.claims`)
 
-Each example file is written to a temporary name and renamed into place, so a run
-killed at any moment leaves only complete examples; rerunning the same command
-finds them and computes only the rest. Nothing here is pickled: tensors are
-safetensors, everything else JSON.
+Each file is written under a temporary name unique to its writer and renamed into
+place, so a run killed at any moment leaves only complete files, and several
+processes writing into one directory never trip over each other's files; rerunning
+the same command finds the stored examples and computes only the rest.
+Nothing here is pickled: tensors are safetensors, everything else JSON.
 
 The `<run>` name is a hash of what determines the numbers (experiment parameters,
 model, dtype, data content), so the same command always lands in the same directory
-and resumes, while a changed parameter starts a new run beside it.
+and resumes, while a changed parameter starts a new run beside it. The same hash is
+stored in spec.json and in every example, and checked whenever either is read: a
+spec.json edited after the run started, or an example another run wrote, is refused
+rather than mixed into this run's numbers.
 """
 
 from __future__ import annotations
@@ -27,19 +38,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import save_file
+from filelock import FileLock
 
+from .claims import Claim, Claims
 from .console import note
-from .errors import ResultsError
-from .labelled import LabelledTensor
+from .disk import failure_fix, failure_reason, write_atomically
+from .errors import ResultsError, StoreWriteError
+from .example_file import DamagedExampleError, decode, encode
 from .results import ExampleRecord, Results
 
-FORMAT = "nnexp-results/1"
+FORMAT = "nnexp-results/2"
+OLDER_FORMATS = ("nnexp-results/1",)  # without run identity or checksums
 
 
 def identity(spec: dict) -> dict:
@@ -67,12 +79,6 @@ def run_id(spec: dict) -> str:
     return "run-" + hashlib.sha256(blob).hexdigest()[:10]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclass
 class SubmittedJob:
     """What decoding a submitted chunk needs, whatever the options of the command that
@@ -90,10 +96,37 @@ class RunDirectory:
         self.examples_dir = self.path / "examples"
         self.figures_dir = self.path / "figures"
         self.spec_path = self.path / "spec.json"
+        self.claims = Claims(self.path / ".claims")
+        self.run_id: str | None = None  # known once the spec is read or written
+        self._lock: FileLock | None = None
+
+    def lock(self) -> FileLock:
+        """A lock on the directory's shared files (spec, job list, skipped examples,
+        figures), held for the moment one process updates them."""
+        if self._lock is None:
+            self._lock = FileLock(self.path / ".nnexp.lock", thread_local=False)
+        return self._lock
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            write_atomically(path, data)
+        except OSError as error:
+            raise self.write_error(path, error) from None
+
+    def _write_json(self, path: Path, data) -> None:
+        self._write(path, (json.dumps(data, indent=2) + "\n").encode())
+
+    def write_error(self, path: Path, error: OSError) -> StoreWriteError:
+        """What a failed write says: what is stored, and what to do."""
+        return StoreWriteError(
+            f"cannot write {path} ({failure_reason(error)}); the {self.count_files()} examples stored in {self.path} are "
+            f"complete: {failure_fix(error)}, then `nnexp resume {self.path}` continues from there")
 
     # -- spec ---------------------------------------------------------------------
 
     def read_spec(self) -> dict:
+        """The spec, checked: a known format, and contents that still match the identity
+        the run was started under."""
         if not self.spec_path.is_file():
             raise ResultsError(
                 f"{self.path} is not an nnexp results directory (no spec.json); "
@@ -103,74 +136,168 @@ class RunDirectory:
             spec = json.loads(self.spec_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ResultsError(f"{self.spec_path} is not valid JSON ({error.msg}); restore or delete it") from None
-        if spec.get("format") != FORMAT:
-            raise ResultsError(f"{self.spec_path} has format {spec.get('format')!r}; this nnexp reads {FORMAT}")
+        if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+            found = spec.get("format") if isinstance(spec, dict) else None
+            if found in OLDER_FORMATS:
+                raise ResultsError(
+                    f"{self.path} was written by an older nnexp ({found}: no run identity or checksums to check its "
+                    f"examples by); this nnexp reads {FORMAT}: run the experiment again into a new directory")
+            raise ResultsError(f"{self.spec_path} has format {found!r}; this nnexp reads {FORMAT}")
+        try:
+            computed = run_id(spec)
+        except (KeyError, TypeError, AttributeError):
+            raise ResultsError(f"{self.spec_path} lacks parts of a run's description; restore it") from None
+        if spec.get("run_id") != computed:
+            raise ResultsError(
+                f"{self.spec_path} no longer describes the run it belongs to: the run was started as "
+                f"{spec.get('run_id')}, but its parameters now make {computed} (it was edited); restore it, or run "
+                "the changed experiment into a new directory")
+        self.run_id = computed
         return spec
 
-    def open(self, spec: dict) -> None:
-        """Create the directory for `spec`, or check that an existing one holds the same run."""
-        if self.spec_path.exists():
-            stored = self.read_spec()
-            if identity(stored) != identity(spec):
-                differ = _differences(identity(stored), identity(spec))
-                raise ResultsError(
-                    f"{self.path} holds results of a different run (differs in {', '.join(differ)}); "
-                    "choose another --out directory, or delete this one to start over"
-                )
-            return
-        self.examples_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.spec_path, json.dumps(spec, indent=2) + "\n")
+    def open(self, spec: dict) -> dict:
+        """Create the directory for `spec`, or check that an existing one holds the same
+        run. Records the run's identity in the spec, and the spec's latest options (its
+        limit, when `spec["run"]` has one) in an existing directory. Returns the spec."""
+        spec = {**spec, "run_id": run_id(spec)}
+        try:
+            self.examples_dir.mkdir(parents=True, exist_ok=True)
+            with self.lock():
+                if not self.spec_path.exists():
+                    self._write_json(self.spec_path, spec)
+                    self.run_id = spec["run_id"]
+                    return spec
+                stored = self.read_spec()
+                if identity(stored) != identity(spec):
+                    differ = _differences(identity(stored), identity(spec))
+                    raise ResultsError(
+                        f"{self.path} holds results of a different run (differs in {', '.join(differ)}); "
+                        "choose another --out directory, or delete this one to start over"
+                    )
+                if "limit" in spec["run"] and stored.get("run", {}).get("limit") != spec["run"]["limit"]:
+                    stored = {**stored, "run": {**stored.get("run", {}), "limit": spec["run"]["limit"]}}
+                    self._write_json(self.spec_path, stored)
+                return stored
+        except OSError as error:  # creating the folders or the lock file
+            raise self.write_error(Path(getattr(error, "filename", None) or self.path), error) from None
+
+    def _known_run_id(self) -> str:
+        if self.run_id is None:
+            self.read_spec()
+        return self.run_id
 
     # -- examples -------------------------------------------------------------------
 
     def example_path(self, index: int) -> Path:
         return self.examples_dir / f"{index:06d}.safetensors"
 
-    def done(self) -> set[int]:
-        """Indices of examples already stored (complete files only)."""
+    def example_files(self) -> dict[int, Path]:
+        """Every stored example file by index (complete files: temporary ones start with a dot)."""
         if not self.examples_dir.is_dir():
-            return set()
-        out = set()
-        for path in self.examples_dir.glob("*.safetensors"):
-            if path.name.startswith(".") or not path.stem.isdigit():
-                continue
-            try:
-                with safe_open(str(path), "pt") as handle:
-                    handle.metadata()
-            except Exception:  # noqa: BLE001 - any unreadable file is recomputed
-                note(f"{path} is unreadable; treating that example as not yet computed")
-                continue
-            out.add(int(path.stem))
-        return out
+            return {}
+        return {int(path.stem): path for path in self.examples_dir.glob("*.safetensors")
+                if not path.name.startswith(".") and path.stem.isdigit()}
 
-    def write_example(self, record: ExampleRecord) -> None:
-        tensors = {name: t.values.detach().to("cpu").contiguous() for name, t in record.tensors.items()}
-        header = {
-            "index": record.index,
-            "dims": {name: list(t.dims) for name, t in record.tensors.items()},
-            "coords": {name: t.coords for name, t in record.tensors.items()},
-            "scalars": record.scalars,
-            "info": record.info,
-        }
-        path = self.example_path(record.index)
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_file(tensors, str(tmp), metadata={"nnexp": json.dumps(header)})
-        os.replace(tmp, path)
+    def count_files(self) -> int:
+        return len(self.example_files())
 
     def read_example(self, path: Path) -> ExampleRecord:
+        """The example in `path`, checked (`nnexp.example_file.decode`): DamagedExampleError
+        for a damaged file, ForeignExampleError for one another run wrote."""
+        record = decode(path, self._known_run_id())
+        if path.stem.isdigit() and record.index != int(path.stem):
+            raise DamagedExampleError(path, f"it holds example {record.index}, not {int(path.stem)}")
+        return record
+
+    def read_all(self) -> tuple[list[ExampleRecord], dict[int, DamagedExampleError]]:
+        """Every intact example, and the damaged ones by index; an example another run
+        wrote is an error (ForeignExampleError)."""
+        if not self.spec_path.is_file():
+            return [], {}
+        records, damaged = [], {}
+        for index, path in sorted(self.example_files().items()):
+            try:
+                records.append(self.read_example(path))
+            except DamagedExampleError as error:
+                damaged[index] = error
+        return records, damaged
+
+    def scan(self) -> tuple[set[int], dict[int, DamagedExampleError]]:
+        """Indices of the intact stored examples, and the damaged files by index."""
+        records, damaged = self.read_all()
+        return {record.index for record in records}, damaged
+
+    def done(self) -> set[int]:
+        """Indices of examples already stored (intact files only)."""
+        return self.scan()[0]
+
+    def is_stored(self, index: int) -> bool:
+        """Whether example `index` is stored, intact, by this run."""
+        path = self.example_path(index)
+        if not path.is_file():
+            return False
         try:
-            with safe_open(str(path), "pt") as handle:
-                header = json.loads(handle.metadata()["nnexp"])
-                tensors = {
-                    name: LabelledTensor(handle.get_tensor(name), tuple(dims), header["coords"].get(name, {}))
-                    for name, dims in header["dims"].items()
-                }
-        except Exception as error:  # noqa: BLE001
-            raise ResultsError(f"cannot read {path} ({error}); delete it and rerun to recompute that example") from None
-        return ExampleRecord(header["index"], tensors, header["scalars"], header["info"])
+            self.read_example(path)
+        except DamagedExampleError:
+            return False
+        return True
+
+    def write_example(self, record: ExampleRecord) -> None:
+        self._write(self.example_path(record.index), encode(record, self._known_run_id()))
 
     def read_records(self) -> list[ExampleRecord]:
-        return [self.read_example(self.example_path(i)) for i in sorted(self.done())]
+        return self.read_all()[0]
+
+    # -- claims (which process computes which example) --------------------------------
+
+    def try_claim(self, index: int) -> Claim | None:
+        """The claim on example `index`, or None when another process holds it."""
+        try:
+            return self.claims.try_claim(index)
+        except OSError as error:
+            raise self.write_error(self.claims.folder, error) from None
+
+    def wait_claim(self, index: int) -> Claim:
+        """The claim on example `index`, once the process holding it lets it go."""
+        try:
+            return self.claims.wait(index)
+        except OSError as error:
+            raise self.write_error(self.claims.folder, error) from None
+
+    # -- what the run computes: its limit, and the examples it chose not to -------------
+
+    @property
+    def skipped_path(self) -> Path:
+        return self.path / "skipped.json"
+
+    def read_skipped(self) -> set[int]:
+        if not self.skipped_path.is_file():
+            return set()
+        try:
+            return {int(i) for i in json.loads(self.skipped_path.read_text(encoding="utf-8"))["examples"]}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ResultsError(f"{self.skipped_path} is not a valid list of skipped examples; delete it and run "
+                               f"`nnexp resume {self.path}` to decide again which examples to compute") from None
+
+    def add_skipped(self, indices) -> None:
+        """Record examples the experiment chose not to compute (they are not missing)."""
+        indices = set(indices)
+        if not indices:
+            return
+        with self.lock():
+            known = self.read_skipped()
+            if not indices <= known:
+                self._write_json(self.skipped_path, {
+                    "examples": sorted(known | indices),
+                    "why": "not selected by the experiment (e.g. only_correct, multi_token=skip)"})
+
+    def expected(self, spec: dict) -> list[int]:
+        """The examples the run computes: those within its limit it did not skip."""
+        total = int(spec["data"]["n_examples"])
+        limit = spec.get("run", {}).get("limit")
+        wanted = total if limit is None else min(int(limit), total)
+        skipped = self.read_skipped()
+        return [index for index in range(wanted) if index not in skipped]
 
     # -- remote jobs ----------------------------------------------------------------
 
@@ -198,38 +325,41 @@ class RunDirectory:
             self.jobs_path.unlink(missing_ok=True)
             return
         data = {"jobs": {job: dataclasses.asdict(entry) for job, entry in jobs.items()}}
-        _atomic_write_text(self.jobs_path, json.dumps(data, indent=1) + "\n")
+        self._write(self.jobs_path, (json.dumps(data, indent=1) + "\n").encode())
 
     def add_job(self, job_id: str, job: SubmittedJob) -> None:
-        jobs = self.read_jobs()
-        jobs[job_id] = job
-        self._write_jobs(jobs)
+        with self.lock():
+            jobs = self.read_jobs()
+            jobs[job_id] = job
+            self._write_jobs(jobs)
 
     def forget_job(self, job_id: str) -> None:
-        jobs = self.read_jobs()
-        jobs.pop(job_id, None)
-        self._write_jobs(jobs)
+        with self.lock():
+            jobs = self.read_jobs()
+            jobs.pop(job_id, None)
+            self._write_jobs(jobs)
 
     def add_remote_traffic(self, description: dict, received: int, examples: int) -> dict:
         """Add to the bytes received from a server and the examples they carried."""
         path = self.path / "remote.json"
-        stats = {"bytes_received": 0, "examples_received": 0}
-        if path.is_file():
-            try:
-                stats.update(json.loads(path.read_text(encoding="utf-8")))
-            except json.JSONDecodeError:
-                pass
-        stats.update(description)
-        stats["bytes_received"] += received
-        stats["examples_received"] += examples
-        if stats["examples_received"]:
-            stats["bytes_per_example"] = round(stats["bytes_received"] / stats["examples_received"])
-        _atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+        with self.lock():
+            stats = {"bytes_received": 0, "examples_received": 0}
+            if path.is_file():
+                try:
+                    stats.update(json.loads(path.read_text(encoding="utf-8")))
+                except json.JSONDecodeError:
+                    pass
+            stats.update(description)
+            stats["bytes_received"] += received
+            stats["examples_received"] += examples
+            if stats["examples_received"]:
+                stats["bytes_per_example"] = round(stats["bytes_received"] / stats["examples_received"])
+            self._write_json(path, stats)
         return stats
 
     def write_index(self, records: list[ExampleRecord]) -> None:
         lines = [json.dumps({"index": r.index, **r.scalars, **r.info}) for r in records]
-        _atomic_write_text(self.path / "examples.jsonl", "".join(line + "\n" for line in lines))
+        self._write(self.path / "examples.jsonl", "".join(line + "\n" for line in lines).encode())
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -244,8 +374,32 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_results(path) -> Results:
-    """Load a results directory written by `nnexp run` (or `nnexp.run`)."""
+def describe_indices(indices: list[int], shown: int = 8) -> str:
+    text = ", ".join(map(str, indices[:shown]))
+    return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")
+
+
+def load_results(path, allow_missing: bool = False) -> Results:
+    """Load a results directory written by `nnexp run` (or `nnexp.run`).
+
+    Every example is checked against its checksum and the run's identity. A run with
+    examples missing (not computed yet, or damaged) is refused unless `allow_missing`;
+    then the `Results` holds the examples there are, and `results.missing` names the
+    others.
+    """
     directory = RunDirectory(path)
     spec = directory.read_spec()
-    return Results(directory.path, spec, directory.read_records())
+    records, damaged = directory.read_all()
+    have = {record.index for record in records}
+    expected = directory.expected(spec)
+    missing = [index for index in expected if index not in have]
+    broken = [damaged[index] for index in missing if index in damaged]
+    if missing and not allow_missing:
+        detail = f"; damaged: {'; '.join(f'{e.path.name} ({e.why})' for e in broken[:3])}" if broken else ""
+        raise ResultsError(
+            f"{directory.path} is missing {len(missing)} of the {len(expected)} examples of its run "
+            f"({describe_indices(missing)}{detail}); compute them with `nnexp resume {directory.path}`, "
+            "or load the others with load_results(..., allow_missing=True) (nnexp plot --allow-missing)")
+    for error in broken:
+        note(f"{error.path} is damaged ({error.why}); that example is left out")
+    return Results(directory.path, spec, records, missing=missing)

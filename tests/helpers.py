@@ -307,3 +307,44 @@ def randomise_norms_and_biases(model, seed: int = 1):
             if name.endswith("bias") or "norm" in name or ".ln" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     return model
+
+
+def one_line_error(result, *fragments) -> str:
+    """The one `nnexp: error:` line of a command that failed with status 2 and no
+    traceback, checked to contain every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nnexp: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def write_ioi_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """A data file of `n` generated IOI pairs."""
+    from nnexp_experiments.ioi import generate_ioi
+
+    path.write_text("".join(json.dumps(pair.to_json()) + "\n" for pair in generate_ioi(n, seed=seed)))
+    return path
+
+
+def flip_tensor_byte(path: Path, offset: int = 3) -> None:
+    """Flip bits of one byte in the tensor data of a safetensors file (after its 8-byte
+    header length and JSON header): the high byte of a float32, so the value changes
+    by orders of magnitude and the file still loads."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start + offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def example_writer(path: Path) -> int | None:
+    """The process id that wrote a stored example (None while unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return json.loads(handle.metadata()["nnexp"])["writer"]["pid"]
+    except Exception:  # noqa: BLE001 - a file being renamed into place, or a damaged one
+        return None

@@ -148,7 +148,7 @@ def test_cli_run_resume_figures(tmp_path, tiny_gpt2_folder):
     result = cli("run", "counterfact-attribution", "--model", tiny_gpt2_folder, "--data", data, "--out", out,
                  "--limit", "4", "--metric", "contrast_logits_diff", "--site", "attn_out", "--memory-budget", "50MB")
     assert result.returncode == 0, result.stderr
-    result = cli("resume", out)
+    result = cli("resume", out, "--limit", "6")  # without --limit, resume keeps the run's limit of 4
     assert result.returncode == 0, result.stderr
     assert re.search(r"resuming .*: 4 of 6 examples already stored", result.stderr)
     results = nnexp.load_results(out)

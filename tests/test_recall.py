@@ -359,7 +359,7 @@ def test_cli_run_resume_and_figures(tmp_path, tiny_gpt2_folder, name, options, t
     result = cli("run", name, "--model", tiny_gpt2_folder, "--data", data, "--out", out, "--limit", "2", "--no-figures",
                  *options)
     assert result.returncode == 0, result.stderr
-    result = cli("resume", out)  # finishes the run and draws its figures
+    result = cli("resume", out, "--limit", "4")  # extends the run to every fact and draws its figures
     assert result.returncode == 0, result.stderr
     assert "2 of 4 examples already stored" in result.stderr
     results = nnexp.load_results(out)

@@ -260,6 +260,20 @@ def test_cli_submit_without_waiting_then_fetch(ndif, tmp_path):
     assert len(ndif.stats()["jobs"]) == 3  # each chunk computed once
 
 
+def test_cli_fetch_keeps_the_runs_limit(ndif, tmp_path):
+    """A run submitted with --limit 2 is collected as that run: the examples beyond the
+    limit are named as such, not as "never submitted"."""
+    out = tmp_path / "run"
+    common = ["--model", ndif.folder, "--remote-model", SERVED, "--backend", "remote", "--remote-host", ndif.url]
+    result = cli("run", "ioi-patching", *common, "--limit", 2, "--sites", "resid_post", "--out", out, "--no-wait")
+    assert result.returncode == 0, result.stderr
+    result = cli("fetch", out, "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "never submitted" not in result.stderr
+    assert f"examples 2 to 7 lie beyond this run's --limit 2; `nnexp resume {out} --limit 8` computes them" in result.stderr
+    assert RunDirectory(out).done() == {0, 1} and len(nnexp.load_results(out)) == 2
+
+
 def test_cli_killed_mid_dataset_resumes_without_recomputing(ndif, tmp_path):
     out = tmp_path / "run"
     ndif.control(delay_s=1.0)

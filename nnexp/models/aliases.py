@@ -14,6 +14,7 @@ weights, not the original checkpoints.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -90,6 +91,25 @@ ALIASES: dict[str, Alias] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def closest_alias(name: str) -> str | None:
+    """The built-in alias a mistyped model name most likely meant (difflib's usual
+    cutoff: 0.6), comparing both the whole name and a repo id's name part."""
+    candidates = {name.lower(), name.lower().rpartition("/")[2]}
+    best, score = None, 0.0
+    for alias in ALIASES:
+        for candidate in candidates:
+            ratio = difflib.SequenceMatcher(None, candidate, alias).ratio()
+            if ratio > score:
+                best, score = alias, ratio
+    return best if score >= 0.6 else None
+
+
+def suggestion(name: str) -> str:
+    """"; did you mean 'smollm2-135m'?" for a name close to an alias, else ""."""
+    alias = closest_alias(name)
+    return f"; did you mean {alias!r}?" if alias else ""
 
 
 def cache_root() -> Path:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .aliases import ALIASES, alias_folder
+from . import hub
+from .aliases import ALIASES, alias_folder, suggestion
 from .architectures import Architecture
 
 DTYPES = {
@@ -239,9 +240,10 @@ def load_model(
         placement, extra["quantization_config"] = _eight_bit(device, placement)
 
     path, name, source = _locate(name_or_path)
+    cache = _hub_access(name_or_path, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(path, **cache)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **extra, **cache)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if source["kind"] == "hub":
@@ -249,6 +251,7 @@ def load_model(
                 f"could not load model {name_or_path!r}: it is not a built-in alias "
                 f"({', '.join(ALIASES)}) or a local folder, and the Hugging Face Hub could not "
                 f"provide it ({first_line}); check the id and the network, or pass a local folder"
+                f"{suggestion(name_or_path)}"
             ) from None
         raise ModelError(f"could not load model from {path}: {first_line}") from None
 
@@ -257,6 +260,24 @@ def load_model(
     model = wrap_model(hf_model, tokenizer, name, source)
     model.quantization = "8bit" if load_in_8bit else None
     return model.use_backend(backend)
+
+
+def _hub_access(name_or_path: str, source: dict) -> dict:
+    """from_pretrained arguments for a hub id: none when the hub answers; the local cache
+    only when it does not and the model was downloaded before; otherwise an error at
+    once, rather than a minute of retries before the same conclusion."""
+    if source["kind"] != "hub" or hub.offline_by_choice():
+        return {}  # HF_HUB_OFFLINE: transformers reads the cache alone, and fails fast
+    reason = hub.unreachable()
+    if reason is None:
+        return {}
+    if hub.is_cached(name_or_path):
+        return {"local_files_only": True}
+    raise ModelError(
+        f"could not load model {name_or_path!r}: it is not a built-in alias ({', '.join(ALIASES)}) or a local "
+        f"folder, and the Hugging Face Hub is unreachable from here ({reason}); check the name, or pass a local "
+        f"folder or a built-in alias{suggestion(name_or_path)}"
+    )
 
 
 def _locate(name_or_path: str) -> tuple[Path | str, str, dict]:
@@ -275,7 +296,7 @@ def _locate(name_or_path: str) -> tuple[Path | str, str, dict]:
         return name_or_path, name_or_path.replace("/", "--"), {"kind": "hub", "repo_id": name_or_path}
     raise ModelError(
         f"unknown model {name_or_path!r}: not a built-in alias ({', '.join(ALIASES)}), "
-        "not an existing folder, and not a Hugging Face repo id (owner/name)"
+        f"not an existing folder, and not a Hugging Face repo id (owner/name){suggestion(name_or_path)}"
     )
 
 
@@ -295,9 +316,10 @@ def _load_remote(name_or_path: str, dtype, attn_implementation, remote_model, op
     repo_id = remote_model or default_id
     if not _REPO_ID.match(repo_id or ""):
         raise ModelError(f"remote model {repo_id!r} is not a Hugging Face repo id (owner/name)")
+    cache = _hub_access(name_or_path, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **cache)
+        config = AutoConfig.from_pretrained(path, **cache)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"could not read the config and tokenizer of {name_or_path!r} ({first_line}); a remote "
