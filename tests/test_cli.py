@@ -16,7 +16,7 @@ import torch
 import nnexp
 from nnexp.store import RunDirectory
 from nnexp_experiments.ioi import generate_ioi
-from tests.helpers import NNEXP, cli
+from tests.helpers import NNEXP, cli, one_line_error
 
 
 def write_pairs(path: Path, pairs) -> Path:
@@ -79,16 +79,6 @@ def test_other_run_in_same_directory_is_refused(tmp_path, tiny_gpt2_folder):
     assert "holds results of a different run" in result.stderr and "experiment.params.sites" in result.stderr
 
 
-def _one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("nnexp: error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -114,17 +104,17 @@ def test_bad_options_give_one_line_errors(tmp_path, tiny_gpt2_folder, args, frag
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     result = cli(*args, "--model", tiny_gpt2_folder, "--limit", 1, "--out", tmp_path / "out", cwd=tmp_path)
-    _one_line_error(result, *fragments)
+    one_line_error(result, *fragments)
 
 
 def test_bad_models_give_one_line_errors(tmp_path):
-    _one_line_error(cli("run", "ioi-patching", "--model", "not a model!", cwd=tmp_path), "unknown model 'not a model!'")
+    one_line_error(cli("run", "ioi-patching", "--model", "not a model!", cwd=tmp_path), "unknown model 'not a model!'")
     empty = tmp_path / "empty-folder"
     empty.mkdir()
-    _one_line_error(cli("run", "ioi-patching", "--model", empty, cwd=tmp_path), "no config.json")
+    one_line_error(cli("run", "ioi-patching", "--model", empty, cwd=tmp_path), "no config.json")
     # offline, a well-formed hub id that is not cached fails fast with the reason
     result = cli("run", "ioi-patching", "--model", "nnexp-test/no-such-model", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
-    _one_line_error(result, "could not load model 'nnexp-test/no-such-model'", "Hugging Face Hub")
+    one_line_error(result, "could not load model 'nnexp-test/no-such-model'", "Hugging Face Hub")
 
 
 @pytest.mark.parametrize(
@@ -141,18 +131,18 @@ def test_bad_examples_fail_before_computing(tmp_path, tiny_gpt2_folder, record, 
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps(good) + "\n" + json.dumps({**good, **record}) + "\n")
     out = tmp_path / "out"
-    _one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", data, "--out", out), *fragments)
+    one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", data, "--out", out), *fragments)
     assert not out.exists()  # validated before anything was written
 
 
 def test_bad_data_files(tmp_path, tiny_gpt2_folder):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    _one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", empty), "is empty")
+    one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", empty), "is empty")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"clean": "x"\n')
-    _one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", broken), "broken.jsonl:1: not valid JSON")
-    _one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", tmp_path / "missing.jsonl"), "does not exist")
+    one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", broken), "broken.jsonl:1: not valid JSON")
+    one_line_error(cli("run", "ioi-patching", "--model", tiny_gpt2_folder, "--data", tmp_path / "missing.jsonl"), "does not exist")
 
 
 def _ctrl_c_as_in_a_terminal() -> None:
@@ -281,7 +271,7 @@ def test_plot_redraws_figures(tmp_path, tiny_gpt2_folder):
     result = cli("plot", out)
     assert result.returncode == 0, result.stderr
     assert (out / "figures" / "example-0001-head_out.html").exists()
-    _one_line_error(cli("plot", tmp_path), "not an nnexp results directory")
+    one_line_error(cli("plot", tmp_path), "not an nnexp results directory")
 
 
 def test_user_experiment_file(tmp_path, tiny_gpt2_folder):
