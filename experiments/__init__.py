@@ -10,12 +10,13 @@ Add a new one by defining its class in a module here and registering it below.
 
 from nnexp.experiment import register_experiment
 
+from .activation_addition import ActivationAddition
 from .counterfact_attribution import CounterFactAttribution
 from .factual_recall import AttentionKnockout, AttributeExtraction, CausalTracing, SublayerKnockout
 from .ioi_patching import IOIPatching
 from .logit_attribution import DLAHeads, DLALayers, LogitAttribution, LogitLens
 
 for _cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution, CounterFactAttribution,
-             AttentionKnockout, AttributeExtraction, SublayerKnockout, CausalTracing):
+             AttentionKnockout, AttributeExtraction, SublayerKnockout, CausalTracing, ActivationAddition):
     register_experiment(_cls)
 

@@ -18,6 +18,7 @@ from .kinds.attention_knockout import AttentionKnockoutExperiment
 from .kinds.attribute_extraction import AttributeExtractionExperiment
 from .kinds.causal_tracing import CausalTracingExperiment
 from .kinds.gradient_attribution import GradientAttributionExperiment
+from .kinds.interventions import InterventionExample, InterventionExperiment
 from .kinds.logit_attribution import LogitAttributionExperiment
 from .kinds.patching import PatchingExperiment
 from .kinds.sublayer_knockout import SublayerKnockoutExperiment
@@ -29,46 +30,64 @@ from .results import ExampleRecord, Results
 from .runner import run
 from .sites import SITES, register_site
 from .store import load_results
-from .tracing.plan import EDITS, register_edit
+from .interventions import (EDITS, Activation, Add, Apply, Block, Given, Grid, Interpolate, Mean, Patch, ProjectOut, Read,
+                            Run, Scale, Set, Zero, register_edit)
 
 __all__ = [
+    "Activation",
+    "Add",
     "ALIASES",
+    "Apply",
     "ArchSpec",
     "AttentionKnockoutExperiment",
     "AttributeExtractionExperiment",
+    "Block",
     "CausalTracingExperiment",
     "ChunkPlan",
     "CompiledExperiment",
     "ConfigError",
     "DataError",
     "EDITS",
-    "EXPERIMENTS",
     "ExampleRecord",
     "Experiment",
+    "EXPERIMENTS",
+    "find_experiment",
+    "Given",
     "GradientAttributionExperiment",
+    "Grid",
+    "include",
+    "Interpolate",
+    "InterventionExample",
+    "InterventionExperiment",
     "KINDS",
     "LabelledTensor",
+    "load_model",
+    "load_prompt_pairs",
+    "load_results",
     "LogitAttributionExperiment",
+    "Mean",
     "METRICS",
     "Model",
     "ModelError",
     "NnexpError",
+    "Patch",
     "PatchingExperiment",
+    "ProjectOut",
     "PromptPair",
-    "Results",
-    "ResultsError",
-    "SITES",
-    "SublayerKnockoutExperiment",
-    "find_experiment",
-    "include",
-    "load_model",
-    "load_prompt_pairs",
-    "load_results",
+    "Read",
     "register_architecture",
     "register_edit",
     "register_experiment",
     "register_metric",
     "register_site",
+    "Results",
+    "ResultsError",
+    "Run",
     "run",
+    "Scale",
+    "Set",
+    "SITES",
+    "SublayerKnockoutExperiment",
     "wrap_model",
+    "Zero",
 ]

@@ -166,7 +166,7 @@ def cmd_list() -> None:
     from .models import ALIASES, DEFAULT_MODEL
     from .registry import EXPERIMENTS, KINDS
     from .sites import SITES
-    from .tracing.plan import EDITS
+    from .interventions import EDITS
 
     print("experiment kinds (subclass one to write your own experiment):")
     for name, cls in KINDS.items():

@@ -125,6 +125,12 @@ class CompiledExperiment(ABC):
         raise ConfigError(f"experiment {self.experiment.name or type(self.experiment).__name__!r} does not size its "
                           "traces by a memory budget; bound its memory with max_rows (--max-rows) instead")
 
+    def declared(self) -> dict | None:
+        """What the experiment declared beyond its parameters, as JSON (e.g. the runs a
+        user's experiment makes of an example), saved in the run's spec and part of its
+        identity; None when its parameters say everything. Known after `prepare`."""
+        return None
+
     def row_limit(self, items: list, bound: int | None) -> int | None:
         """The row limit to plan `items` under, given the user's bound (max_rows and the
         memory budget's rows, whichever is tighter; None when neither is set)."""

@@ -7,7 +7,7 @@ nnexp resolves five kinds of names, each through a `Registry`:
 | `KINDS`       | experiment kinds (each kind's base class)| (the experiment's kind)   |
 | `EXPERIMENTS` | ready-made experiments, by name         | `nnexp run NAME`          |
 | `SITES`       | activations per layer (`nnexp.sites`)   | `--sites`, `--site`       |
-| `EDITS`       | edits a trace applies to a tensor       | (experiments' runs)       |
+| `EDITS`       | edits a run declares (`nnexp.interventions`) | (experiments' runs)  |
 | `METRICS`     | metrics of the last-position logits     | `--metric`                |
 
 A registry maps a name to an object and says, for an unknown name, which names it

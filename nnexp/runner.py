@@ -49,10 +49,10 @@ def _versions() -> dict:
     return out
 
 
-def build_spec(experiment: Experiment, model: Model, n_examples: int, options: dict) -> dict:
+def build_spec(experiment: Experiment, model: Model, n_examples: int, options: dict, declared: dict | None = None) -> dict:
     return {
         "format": FORMAT,
-        "experiment": experiment.spec(),
+        "experiment": {**experiment.spec(), **({"declared": declared} if declared is not None else {})},
         "model": model.describe(),
         "data": {**experiment.data_source(), "n_examples": n_examples},
         "run": {
@@ -330,7 +330,7 @@ def run(
                "backend": executor.describe()}
     if not collect_only:
         options["limit"] = limit  # what `nnexp resume` continues (fetching changes no run's limit)
-    spec = build_spec(experiment, model, total, options)
+    spec = build_spec(experiment, model, total, options, compiled.declared())
     directory = RunDirectory(out if out is not None else default_run_dir(spec))
     directory.open(spec)
     done, damaged = directory.scan()

@@ -67,6 +67,8 @@ def identity(spec: dict) -> dict:
             "name": spec["experiment"]["name"],
             "class": spec["experiment"]["class"].rpartition(":")[2],
             "params": params,
+            # what a user's experiment declared beyond its parameters (its runs)
+            **({"declared": spec["experiment"]["declared"]} if "declared" in spec["experiment"] else {}),
         },
         "model": {"name": model["name"], "source": model["source"], "dtype": model["dtype"],
                   **({"quantization": model["quantization"]} if model.get("quantization") else {})},

@@ -47,20 +47,32 @@ def _run(model, jobs: list[TraceJob]) -> list:
 
 def plan_job(plan: TracePlan) -> TraceJob:
     names = (plan.metric,) if isinstance(plan.metric, str) else tuple(plan.metric)
+    metrics = [get_metric(name) for name in names]
+    inputs = {"answer": plan.answer_ids, "foil": plan.foil_ids}
+    if plan.reference_rows is not None:
+        inputs["reference_rows"] = plan.reference_rows
+    if plan.answer_sets is not None:
+        inputs["answers"] = plan.answer_sets
     body = partial(
         plan_body,
         edits=plan.edits,
-        metrics=[get_metric(name).fn for name in names],
-        answer=plan.answer_ids,
-        foil=plan.foil_ids,
+        metrics=[(metric.fn, metric.needs) for metric in metrics],
+        inputs=inputs,
+        offsets=plan.metric_offsets,
         shape=tuple(plan.input_ids.shape),
     )
-    return TraceJob(_inputs(plan.input_ids, plan.attention_mask, plan.position_ids), body)
+    job = TraceJob(_inputs(plan.input_ids, plan.attention_mask, plan.position_ids), body)
+    if plan.metric_offsets is not None:
+        # the logits of the last k positions, so that each row's metric position is among them
+        job.options["logits_to_keep"] = int(plan.metric_offsets.max())
+    return job
 
 
-def plan_body(nn, edits, metrics, answer, foil, shape) -> torch.Tensor:
-    """Apply a plan's edits in forward order; return [rows, metrics] on the CPU."""
+def plan_body(nn, edits, metrics, inputs, offsets, shape):
+    """Apply a plan's operations in forward order; return [rows, metrics] on the CPU, or,
+    when the plan reads activations, {"metrics": [rows, metrics], "reads": {key: values}}."""
     rows, tokens = shape
+    reads = {}
     for point, point_edits in edits:
         envoy = nn.get(point.module)
         if point.io == "attention_mask":
@@ -87,10 +99,25 @@ def plan_body(nn, edits, metrics, answer, foil, shape) -> torch.Tensor:
                 "so point this site's ArchSpec entry at a module whose tensor has that layout"
             )
         for edit in point_edits:
-            edit.to(tensor.device).apply(tensor, point)
-    logits = nn.output.logits[:, -1, :].float()
-    answer, foil = answer.to(logits.device), foil.to(logits.device)
-    return torch.stack([metric(logits, answer, foil) for metric in metrics], -1).cpu()
+            read = edit.to(tensor.device).apply(tensor, point)
+            if read is not None:
+                reads[edit.key] = read
+    logits = nn.output.logits
+    if offsets is None:
+        logits = logits[:, -1, :].float()
+    else:
+        kept = logits.shape[1]
+        index = (kept - offsets).to(logits.device)
+        logits = logits[torch.arange(rows, device=logits.device), index].float()
+    given = {name: value.to(logits.device) for name, value in inputs.items() if value is not None}
+    if "reference_rows" in given:
+        given["reference"] = logits[given.pop("reference_rows")]
+    values = []
+    for fn, needs in metrics:
+        extra = {name: given[name] for name in needs if name not in ("answer", "foil")}
+        values.append(fn(logits, given.get("answer"), given.get("foil"), **extra))
+    values = torch.stack(values, -1).cpu()
+    return {"metrics": values, "reads": reads} if reads else values
 
 
 def run_plans(model, plans: list[TracePlan]) -> list[torch.Tensor]:

@@ -185,17 +185,34 @@ class SimulatedRemoteExecutor(Executor):
 
 def _body_modules(jobs: list[TraceJob]) -> set[str]:
     """Modules of the functions a job's body refers to (its function and, for a
-    `functools.partial`, the functions among its arguments), to ship them by value."""
-    import inspect
-    import sys
-
-    modules = set()
+    `functools.partial`, the functions among its arguments, however nested: a user's
+    edit function inside a plan's operations, a user's metric), to ship them by value."""
+    modules: set[str] = set()
     for job in jobs:
         body = job.body
         for value in [body, getattr(body, "func", None), *getattr(body, "keywords", {}).values()]:
-            for fn in value if isinstance(value, (list, tuple)) else [value]:
-                module = getattr(fn, "__module__", None) if inspect.isfunction(fn) else None
-                # the standard library is on every server: pickling it by value breaks it
-                if module and module.partition(".")[0] not in sys.stdlib_module_names:
-                    modules.add(module)
+            modules |= function_modules(value)
     return modules
+
+
+def function_modules(value, depth: int = 0) -> set[str]:
+    """The modules of the functions in `value` (functions, and lists, tuples, dicts and
+    objects holding them, e.g. a trace operation's `fn`) that are not the standard
+    library's: pickling the standard library by value breaks it."""
+    import dataclasses
+    import inspect
+    import sys
+
+    if depth > 6:
+        return set()
+    if inspect.isfunction(value):
+        module = getattr(value, "__module__", None)
+        return {module} if module and module.partition(".")[0] not in sys.stdlib_module_names else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(function_modules(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return set().union(*(function_modules(v, depth + 1) for v in value.values()))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return set().union(*(function_modules(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)
+                             if not isinstance(getattr(value, f.name), torch.Tensor)))
+    return set()

@@ -4,10 +4,14 @@ Experiments never write trace code. They compile what they want into a `TracePla
 
 * the rows of one batch (token ids, left-padded, with attention mask and positions);
 * for each hook point the forward pass reaches (in the order it reaches them), the
-  edits to apply to that tensor, vectorised over rows: copy another row's activation
-  (`CopyRows`, patching and restoring), add to it (`AddRows`, noise), overwrite it
-  (`SetRows`, ablation), or block attention edges (`BlockAttention`, knockout);
-* the metric(s) to compute from the last-position logits of every row.
+  operations to apply to that tensor, vectorised over rows: copy another row's
+  activation (`CopyRows`, patching and restoring), add to it (`AddRows`, noise),
+  overwrite it (`SetRows`, ablation), replace it by a function of itself and its
+  parameters (`RewriteRows`: the declared edits of `nnexp.interventions`), read it
+  (`ReadRows`), or block attention edges (`BlockAttention`, knockout);
+* the metric(s) to compute from the next-token logits of every row (at its last
+  position, or a given distance from its end), with what they compare against (a
+  reference row, a set of answer tokens).
 
 `nnexp.tracing.execute.run_plan` runs a plan as ONE nnsight trace. Because a plan is
 tensors and small dataclasses, it can be built, inspected and tested without a
@@ -24,23 +28,25 @@ from ..errors import ConfigError
 from ..registry import Registry
 from ..sites import HookPoint
 
-# The edits a trace applies to a hook point's tensor, vectorised over rows, by the name
-# a run's `RunEdit.kind` gives (`nnexp.tracing.runs`). Each class builds itself from the
-# flat entries the planner gathers for one hook point (`from_entries`).
-EDITS: Registry = Registry("edit")
+# The operations a trace applies to a hook point's tensor, vectorised over rows, by the
+# name a run's `RunEdit.kind` gives (`nnexp.tracing.runs`). Each class builds itself from
+# the flat entries the planner gathers for one hook point (`from_entries`). These are the
+# trace's machinery; what users declare are the edits of `nnexp.interventions`, which
+# lower to these.
+OPERATIONS: Registry = Registry("trace operation")
 
 
-def register_edit(name: str, description: str):
-    """Class decorator: register an edit class under `name`."""
+def register_operation(name: str, description: str):
+    """Class decorator: register a trace operation class under `name`."""
 
     def decorator(cls):
-        EDITS.register(name, cls, description=description)
+        OPERATIONS.register(name, cls, description=description)
         return cls
 
     return decorator
 
 
-@register_edit("copy", "copy another row's activation at the same positions (patching, restoring), optionally one head's slice")
+@register_operation("copy", "copy another row's activation at the same positions (patching, restoring), optionally one head's slice")
 @dataclass
 class CopyRows:
     """Copy activations from source rows into target rows, entry by entry.
@@ -84,7 +90,7 @@ class CopyRows:
         )
 
 
-@register_edit("add", "add given vectors at positions (noise, steering)")
+@register_operation("add", "add given vectors at positions (noise, steering)")
 @dataclass
 class AddRows:
     """Add `values[i]` to `x[rows[i], positions[i]]` (e.g. noise on the subject's embeddings)."""
@@ -104,7 +110,7 @@ class AddRows:
         return AddRows(self.rows.to(device), self.positions.to(device), self.values.to(device))
 
 
-@register_edit("set", "overwrite positions with given vectors (zero or mean ablation)")
+@register_operation("set", "overwrite positions with given vectors (zero or mean ablation)")
 @dataclass
 class SetRows:
     """Overwrite `x[rows[i], positions[i]]` with `values[i]` (zero or mean ablation)."""
@@ -124,7 +130,102 @@ class SetRows:
         return SetRows(self.rows.to(device), self.positions.to(device), self.values.to(device))
 
 
-@register_edit("block", "block attention from the last position to given key positions (knockout)")
+def _selection(x: torch.Tensor, point: HookPoint, rows: torch.Tensor, positions: torch.Tensor,
+               heads: torch.Tensor | None) -> tuple:
+    """The advanced index of entries (rows[i], positions[i]) of `x`, restricted to head
+    heads[i]'s columns when `heads` is given: x[index] is [entries, features]."""
+    if heads is None:
+        return rows, positions
+    head_dim = x.shape[-1] // point.n_heads
+    columns = heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=x.device)
+    return rows.unsqueeze(1), positions.unsqueeze(1), columns
+
+
+def _stack_params(params: list[dict]) -> dict[str, torch.Tensor]:
+    """Per-entry parameters (one dict per entry) as one tensor per name, [entries, ...]."""
+    if not params or not params[0]:
+        return {}
+    return {name: torch.stack([torch.as_tensor(p[name], dtype=torch.float32) for p in params])
+            for name in params[0]}
+
+
+@register_operation("rewrite", "replace the selected vectors by fn(vectors, **parameters[, source=vectors of "
+                               "other rows]) (the declared edits: add, set, scale, project out, interpolate, "
+                               "a user's function)")
+@dataclass
+class RewriteRows:
+    """Replace `x[rows[i], positions[i]]` (head `heads[i]`'s slice when given) by
+    `fn(current, **params)`, all entries at once.
+
+    `current` is [entries, features] in float32; each parameter is a tensor with one
+    row per entry ([entries] or [entries, features]); with `sources`, the same
+    positions of those rows arrive as `source=` (interpolation between two runs). The
+    result is cast back to the activation's dtype. `fn` must be a plain function of
+    tensors: it runs wherever the model does, on the activation's device."""
+
+    fn: object
+    rows: torch.Tensor
+    positions: torch.Tensor
+    heads: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
+    params: dict = field(default_factory=dict)
+
+    def apply(self, x: torch.Tensor, point: HookPoint) -> None:
+        index = _selection(x, point, self.rows, self.positions, self.heads)
+        kwargs = {name: value.to(x.device) for name, value in self.params.items()}
+        if self.sources is not None:
+            kwargs["source"] = x[_selection(x, point, self.sources, self.positions, self.heads)].float()
+        x[index] = self.fn(x[index].float(), **kwargs).to(x.dtype)
+
+    @classmethod
+    def from_entries(cls, entries: dict) -> RewriteRows:
+        heads = torch.tensor(entries["heads"]) if entries.get("heads") else None
+        sources = torch.tensor(entries["sources"]) if entries.get("sources") else None
+        return cls(entries["fn"], torch.tensor(entries["rows"]), torch.tensor(entries["positions"]), heads, sources,
+                   _stack_params(entries["params"]))
+
+    def to(self, device) -> RewriteRows:
+        return RewriteRows(self.fn, self.rows.to(device), self.positions.to(device), _to(self.heads, device),
+                           _to(self.sources, device), {name: value.to(device) for name, value in self.params.items()})
+
+
+@register_operation("read", "read the selected vectors (or their projection on a direction) and return them")
+@dataclass
+class ReadRows:
+    """Return `x[rows[i], positions[i]]` (head `heads[i]`'s slice when given), in float32
+    on the CPU: [entries, features], or [entries] projected on `directions[i]`
+    ([entries, features]) so that only one number per entry leaves the trace (a probe).
+    `key` names the read in what the trace returns."""
+
+    key: str
+    rows: torch.Tensor
+    positions: torch.Tensor
+    heads: torch.Tensor | None = None
+    directions: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor, point: HookPoint) -> torch.Tensor:
+        value = x[_selection(x, point, self.rows, self.positions, self.heads)].detach().float()
+        if self.directions is not None:
+            value = (value * self.directions).sum(-1)
+        return value.cpu().clone()
+
+    @classmethod
+    def from_entries(cls, entries: dict) -> ReadRows:
+        heads = torch.tensor(entries["heads"]) if entries.get("heads") else None
+        directions = torch.stack(entries["directions"]).float() if entries.get("directions") else None
+        return cls(entries["key"], torch.tensor(entries["rows"]), torch.tensor(entries["positions"]), heads,
+                   directions)
+
+    def to(self, device) -> ReadRows:
+        return ReadRows(self.key, self.rows.to(device), self.positions.to(device), _to(self.heads, device),
+                        _to(self.directions, device))
+
+
+def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+@register_operation("block", "block attention from the last position to given key positions (knockout)")
 @dataclass
 class BlockAttention:
     """Block attention from the last position to `keys[i]` in row `rows[i]`.
@@ -175,6 +276,11 @@ class TracePlan:
         metric: name of the metric in `nnexp.metrics`, or a tuple of names (the trace
             then returns [rows, metrics]).
         answer_ids, foil_ids: [rows] token ids the metric compares.
+        metric_offsets: [rows], where each row's metrics read the next-token logits:
+            1 = its last position, 2 = the one before... (None: the last, for all).
+        reference_rows: [rows], the row each row's metrics compare with (a metric that
+            needs a reference, e.g. KL divergence to the clean run); None: none.
+        answer_sets: [rows, k] token ids, -1 for none (metrics over a set of answers).
     """
 
     input_ids: torch.Tensor
@@ -183,6 +289,14 @@ class TracePlan:
     metric: str | tuple[str, ...] = "logit_diff"
     answer_ids: torch.Tensor | None = None
     foil_ids: torch.Tensor | None = None
+    metric_offsets: torch.Tensor | None = None
+    reference_rows: torch.Tensor | None = None
+    answer_sets: torch.Tensor | None = None
+
+    @property
+    def reads(self) -> list[str]:
+        """The keys of the plan's reads, in the order the trace meets them."""
+        return [op.key for _, ops in self.edits for op in ops if isinstance(op, ReadRows)]
 
     @property
     def n_rows(self) -> int:

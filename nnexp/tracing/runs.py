@@ -30,22 +30,30 @@ import torch
 
 from ..errors import ConfigError
 from ..sites import HookPoint
-from .plan import EDITS, TracePlan, group_edits, left_pad
+from .plan import OPERATIONS, TracePlan, group_edits, left_pad
 
 
 @dataclass
 class RunEdit:
     point: HookPoint
-    kind: str
+    kind: str  # a trace operation (`nnexp.tracing.plan.OPERATIONS`)
     positions: list[int]  # unpadded token positions (key positions for "block")
     values: torch.Tensor | None = None  # [len(positions), features] for "add" and "set"
-    head: int | None = None  # "copy" only: restrict the edit to this head's slice (head sites)
+    head: int | None = None  # restrict the edit to this head's slice (head sites)
+    source: int = 0  # "copy", and "rewrite" with `with_source`: which of the group's runs to read from
+    fn: object = None  # "rewrite": fn(current, **params[, source=...]) -> new values
+    params: dict | None = None  # "rewrite": its parameters (floats or [features] tensors)
+    with_source: bool = False  # "rewrite": pass the source run's values as `source=`
+    key: str | None = None  # "read": the name its values come back under
 
 
 @dataclass
 class Run:
     edits: list[RunEdit] = field(default_factory=list)
     ids: list[int] | None = None  # the run's own token ids; None: the group's prompt
+    reference: int | None = None  # the group's run its metrics compare with (metrics that need one)
+    metric_offset: int = 1  # where its metrics read the next-token logits: 1 = the last position
+    answers: tuple[int, ...] = ()  # a set of answer tokens (metrics that need one)
 
 
 @dataclass
@@ -84,46 +92,65 @@ def pack_runs(examples: list[tuple[object, list[int], int, int, list[Run], list[
     return traces
 
 
+# "read" operations come after every edit of their hook point: a read sees what flows on
+READ_STEP = 1 << 20
+
+
 def build_plan(groups: list[RunGroup], pad_id: int, metric) -> tuple[TracePlan, list[int]]:
     """The trace plan of `groups`, and the first row of each group."""
-    sequences, answer, foil, firsts = [], [], [], []
+    sequences, answer, foil, firsts, runs = [], [], [], [], []
     for group in groups:
         firsts.append(len(sequences))
         sequences += [group.ids if run.ids is None else run.ids for run in group.runs]
         answer += [group.answer] * len(group.runs)
         foil += [group.foil] * len(group.runs)
+        runs += group.runs
     input_ids, attention_mask, offsets = left_pad(sequences, pad_id)
     width = input_ids.shape[1]
 
-    # flat entries per (hook point, kind, per head or not): rows, positions, sources /
-    # heads / values / key masks
+    # flat entries per (hook point, operation, per head or not, function, step): rows,
+    # positions, sources / heads / values / parameters / key masks. The step is the edit's
+    # place among its run's edits at that hook point, so that edits of one run at one
+    # hook point apply in the order they were declared.
     entries: dict = defaultdict(lambda: defaultdict(list))
     for group, first in zip(groups, firsts):
         for r, run in enumerate(group.runs):
             row = first + r
             offset = offsets[row]
-            if offset != offsets[first] and any(edit.kind == "copy" for edit in run.edits):
-                raise ValueError("a run that copies from its group's first run must have as many tokens as it")
+            steps: dict = defaultdict(int)
             for edit in run.edits:
-                EDITS.get(edit.kind)  # an unknown kind fails here, naming the known ones
-                slot = entries[(edit.point, edit.kind, edit.head is not None)]
+                OPERATIONS.get(edit.kind)  # an unknown operation fails here, naming the known ones
+                source = first + edit.source
+                if (edit.kind == "copy" or edit.with_source) and offsets[source] != offset:
+                    raise ValueError("a run that reads another run's activations must have as many tokens as it")
+                step = READ_STEP if edit.kind == "read" else steps[edit.point]
+                steps[edit.point] += edit.kind != "read"
+                slot = entries[(edit.point, edit.kind, edit.head is not None, edit.fn, edit.key, step)]
                 if edit.kind == "block":
                     keys = torch.zeros(width, dtype=torch.bool)
                     keys[[offset + p for p in edit.positions]] = True
                     slot["rows"].append(row)
                     slot["keys"].append(keys)
                     continue
-                slot["rows"] += [row] * len(edit.positions)
+                n = len(edit.positions)
+                slot["rows"] += [row] * n
                 slot["positions"] += [offset + p for p in edit.positions]
-                if edit.kind == "copy":
-                    slot["sources"] += [first] * len(edit.positions)
-                    if edit.head is not None:
-                        slot["heads"] += [edit.head] * len(edit.positions)
-                else:
+                if edit.head is not None:
+                    slot["heads"] += [edit.head] * n
+                if edit.kind == "copy" or edit.with_source:
+                    slot["sources"] += [source] * n
+                if edit.kind == "rewrite":
+                    slot["fn"] = edit.fn
+                    slot["params"] += [edit.params or {}] * n
+                elif edit.kind == "read":
+                    slot["key"] = edit.key
+                    if edit.values is not None:  # a probe direction per position
+                        slot["directions"] += list(edit.values)
+                elif edit.kind in ("add", "set"):
                     slot["values"].append(edit.values)
     edits: dict[HookPoint, list] = defaultdict(list)
-    for (point, kind, _), slot in entries.items():
-        edits[point].append(EDITS.get(kind).from_entries(slot))
+    for (point, kind, _, _, _, _step), slot in sorted(entries.items(), key=lambda entry: entry[0][5]):
+        edits[point].append(OPERATIONS.get(kind).from_entries(slot))
     plan = TracePlan(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -132,6 +159,15 @@ def build_plan(groups: list[RunGroup], pad_id: int, metric) -> tuple[TracePlan, 
         answer_ids=torch.tensor(answer),
         foil_ids=torch.tensor(foil),
     )
+    if any(run.reference is not None for run in runs):
+        plan.reference_rows = torch.tensor([first + (run.reference if run.reference is not None else r)
+                                            for group, first in zip(groups, firsts)
+                                            for r, run in enumerate(group.runs)])
+    if any(run.metric_offset != 1 for run in runs):
+        plan.metric_offsets = torch.tensor([run.metric_offset for run in runs])
+    if any(run.answers for run in runs):
+        k = max(len(run.answers) for run in runs)
+        plan.answer_sets = torch.tensor([list(run.answers) + [-1] * (k - len(run.answers)) for run in runs])
     return plan, firsts
 
 

@@ -40,7 +40,7 @@ import torch
 from ...contract import ChunkPlan, expect_rows
 from ...errors import ConfigError
 from ...labelled import LabelledTensor
-from ...metrics import get_metric
+from ...metrics import check_metric
 from ...results import ExampleRecord
 from ...sites import check_layers, check_selection, resolve_site
 from ...tracing import memory
@@ -77,7 +77,8 @@ class GradientAttributionExperiment(FactExperiment):
         super().__post_init__()
         if self.site not in GRADIENT_SITES:
             raise ConfigError(f"site {self.site!r} is not supported for gradient attribution; choose one of {', '.join(GRADIENT_SITES)}")
-        get_metric(self.metric)  # unknown metric -> clear error
+        check_metric(self.metric, ("answer", "foil"), "a gradient attribution experiment",
+                     "choose a metric of the answer and foil (nnexp list), or write an InterventionExperiment")
         check_selection(self.layers, "layers")
 
     def compile(self, model) -> CompiledGradientAttribution:

@@ -41,7 +41,7 @@ from ...data import PromptPair, TokenizedPair, example_location, load_prompt_pai
 from ...errors import ConfigError
 from ...experiment import Experiment
 from ...labelled import LabelledTensor
-from ...metrics import get_metric
+from ...metrics import check_metric
 from ...results import ExampleRecord
 from ...sites import check_heads, check_layers, check_selection, check_site, is_per_head, resolve_site
 from ...tracing.execute import plan_job
@@ -97,7 +97,8 @@ class PatchingExperiment(Experiment):
         check_selection(self.heads, "heads")
         self.positions = _check_positions(self.positions, "positions")
         self.head_positions = _check_positions(self.head_positions, "head_positions")
-        get_metric(self.metric)
+        check_metric(self.metric, ("answer", "foil"), "a patching experiment",
+                     "choose a metric of the answer and foil (nnexp list), or write an InterventionExperiment")
 
     def read_data_file(self, path: str) -> list[PromptPair]:
         return load_prompt_pairs(path)

@@ -1,0 +1,84 @@
+"""Intervention figures, for any declared runs: per example (the first 16) and averaged
+over examples, each grid metric drawn by its axes (one axis: a line; two: a heatmap of
+the two and a line per value of the first over the second), and the single runs'
+metrics side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from ...plotting import heatmap, line_plot, shorten, write_figures
+from .summaries import mean_over_examples, mean_scalars
+
+
+def _labels(values: list) -> list[str]:
+    return [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+
+
+def _grid_figures(tensor, title: str, value_title: str, path: Path) -> list:
+    if tensor.values.dim() == 1:
+        dim = tensor.dims[0]
+        return [(line_plot(_labels(tensor.labels(dim)), [{"name": value_title, "values": tensor.values.tolist()}],
+                           title=title, x_title=dim, y_title=value_title), path)]
+    if tensor.values.dim() != 2:
+        return []  # three or more axes: no generic picture; the tensor is in the results
+    rows, columns = tensor.dims
+    row_labels, column_labels = _labels(tensor.labels(rows)), _labels(tensor.labels(columns))
+    series = [{"name": f"{rows} {label}", "values": tensor.values[i].tolist()} for i, label in enumerate(row_labels)]
+    return [
+        (heatmap(tensor.values, title=title, x_title=columns, y_title=rows, x_labels=column_labels,
+                 y_labels=row_labels, colorbar_title=value_title, zmid=None), path.with_name(path.name + "-heatmap")),
+        (line_plot(column_labels, series, title=title, x_title=columns, y_title=value_title),
+         path.with_name(path.name + "-lines")),
+    ]
+
+
+def _runs_bar(scalars: dict[str, float], metric: str, title: str, path: Path):
+    names = [name.rsplit(".", 1)[0] for name in scalars if name.endswith(f".{metric}")]
+    values = [scalars[f"{name}.{metric}"] for name in names]
+    if not names:
+        return []
+    fig = go.Figure(go.Bar(x=names, y=values, hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(title={"text": title, "font": {"size": 16}}, xaxis={"title": {"text": "run"}},
+                      yaxis={"title": {"text": metric}}, template="plotly_white", width=760, height=480,
+                      margin={"t": 130})
+    return [(fig, path)]
+
+
+def _about(experiment, results) -> str:
+    model = results.spec.get("model", {}).get("name", "")
+    return f"{experiment.name or type(experiment).__name__} on {model}"
+
+
+def intervention_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
+    figures = []
+    about = _about(experiment, results)
+    records = list(results.records)
+    if not records:
+        return []
+    grid_names = [name for name in records[0].tensors if name.count(".") in (1, 2)
+                  and name.split(".")[1] in experiment.metrics]
+    for record in records[:max_examples]:
+        prompt = shorten(record.info.get("prompt", ""))
+        for name in grid_names:
+            figures += _grid_figures(record[name], f"{name}<br><sup>{about} · example {record.index}: {prompt}</sup>",
+                                     name.split(".", 1)[1], out_dir / f"example-{record.index:04d}-{name}")
+        for metric in experiment.metrics:
+            figures += _runs_bar(record.scalars, metric,
+                                 f"{metric} per run<br><sup>{about} · example {record.index}: {prompt}</sup>",
+                                 out_dir / f"example-{record.index:04d}-runs-{metric}")
+    n = len(records)
+    for name in grid_names:
+        try:
+            mean = mean_over_examples(results, name)
+        except Exception:  # noqa: BLE001 - examples of different shapes have no mean figure
+            continue
+        figures += _grid_figures(mean, f"{name}, mean over {n} examples<br><sup>{about}</sup>",
+                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{name}")
+    scalars = mean_scalars(results)
+    for metric in experiment.metrics:
+        figures += _runs_bar(scalars, metric, f"{metric} per run, mean over {n} examples<br><sup>{about}</sup>",
+                             out_dir / f"mean-runs-{metric}")
+    return write_figures(figures)
