@@ -8,9 +8,16 @@ the example's prompt at every position, and the model computes everything downst
 from there. All (layer, coefficient) runs of an example, and its unsteered run, go
 into one batched trace.
 
-    nnexp run activation-addition                                    # " Love" - " Hate", every layer
+    nnexp run activation-addition                                    # "I love" - "I hate", every layer
     nnexp run activation-addition --set positive=" Paris" --set negative=" London" --layers 4,8
     nnexp run activation-addition --set coefficients=-8,-4,0,4,8 --set metric=prob --data prompts.jsonl
+
+The default pair is "I love" - "I hate" (Turner et al. steer GPT-2 XL with " Love" -
+" Hate" after its BOS token). Without a BOS token, as in SmolLM2, a one-token prompt's
+only token sits at position 0, where the model parks attention (an attention sink), and
+its state says little about the token: on SmolLM2 " Love" - " Hate" moves the logit
+difference by the same amount at every layer from 12 on, whichever its sign. Two-token
+prompts differ where it matters.
 
 Stored per example: `steered.<metric>` (layer x coefficient), `steered.<metric>.change`
 (minus the unsteered run's metric), and the scalar `base.<metric>`.
@@ -50,8 +57,8 @@ class ActivationAddition(InterventionExperiment):
     name = "activation-addition"
     description = "steer with c * (positive - negative) activations at each layer; metric per layer x coefficient"
 
-    positive: str = " Love"
-    negative: str = " Hate"
+    positive: str = "I love"
+    negative: str = "I hate"
     coefficients: tuple[float, ...] = (-8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0)
     layers: tuple[int, ...] | None = None
     site: str = "resid_pre"

@@ -211,6 +211,7 @@ def kind_experiments(tmp_path, tokenizer) -> dict:
         "attribute-extraction": EXPERIMENTS["attribute-extraction"](data=facts, top_k=3),
         "sublayer-knockout": EXPERIMENTS["sublayer-knockout"](data=facts, ablation="mean", window=2),
         "causal-tracing": EXPERIMENTS["causal-tracing"](data=facts, samples=2, window=2),
+        "interventions": EXPERIMENTS["activation-addition"](layers=(0, 2), coefficients=(-2.0, 0.0, 3.0)),
     }
 
 
@@ -228,6 +229,7 @@ KIND_ORACLES = {
     "attribute-extraction": "tests/test_recall.py::test_extraction_matches_reference",
     "sublayer-knockout": "tests/test_recall.py::test_sublayer_knockout_matches_reference",
     "causal-tracing": "tests/test_recall.py::test_causal_tracing_matches_reference",
+    "interventions": "tests/test_interventions.py::test_every_edit_metric_and_read_matches_plain_hooks",
 }
 
 

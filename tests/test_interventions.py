@@ -209,7 +209,7 @@ def test_activation_addition_matches_plain_hooks(family_model, tmp_path):
     results = _run(experiment, model, tmp_path, limit=3)
     tok, hf = model.tokenizer, model.hf
     n_layers = hf.config.num_hidden_layers if hasattr(hf.config, "num_hidden_layers") else hf.config.n_layer
-    positive, negative = tok(" Love").input_ids, tok(" Hate").input_ids
+    positive, negative = tok("I love").input_ids, tok("I hate").input_ids
     steering = [ref.activation(hf, positive, "resid_pre", layer, -1) - ref.activation(hf, negative, "resid_pre",
                                                                                        layer, -1)
                 for layer in range(n_layers)]
@@ -370,3 +370,41 @@ def test_an_edit_that_cannot_be_shipped_is_refused_for_a_remote_backend(tmp_path
     assert _run(experiment, model, tmp_path / "local")  # runs here
     _refused(experiment, model, tmp_path, "'test_locked' cannot be shipped", backend="remote-local")
     model.use_backend("local")
+
+
+def test_activation_addition_figures_have_titles_axes_and_labels(gpt2, tmp_path):
+    from nnexp_experiments.activation_addition import ActivationAddition
+
+    experiment = ActivationAddition(coefficients=(-4.0, 0.0, 4.0))
+    results = nnexp.run(experiment, model=gpt2, out=tmp_path / "run", limit=2)
+    figures = sorted(p.name for p in (results.path / "figures").glob("*.html"))
+    assert {"mean-steered-logit_diff-heatmap.html", "mean-steered-logit_diff-lines.html",
+            "example-0000-steered-logit_diff-change-heatmap.html", "mean-runs-logit_diff.html"} <= set(figures)
+    html = (results.path / "figures" / "mean-steered-logit_diff-heatmap.html").read_text()
+    assert "mean over 2 examples" in html and "activation-addition on tiny-gpt2" in html
+    from nnexp.kinds.interventions.figures import _grid_figures
+
+    (heat, _), (lines, _) = _grid_figures(results[0]["steered.logit_diff"], "t", "logit_diff", tmp_path / "f")
+    assert heat.layout.xaxis.title.text == "coefficient" and heat.layout.yaxis.title.text == "layer"
+    assert list(heat.layout.xaxis.ticktext) == ["-4", "0", "4"] and list(heat.layout.yaxis.ticktext) == ["0", "1", "2"]
+    assert lines.layout.xaxis.title.text == "coefficient" and len(lines.data) == 3  # one line per layer
+
+
+def test_activation_addition_on_smollm2_matches_plain_hooks(smollm2, tmp_path):
+    from nnexp_experiments.activation_addition import PROMPTS, ActivationAddition
+
+    layers, coefficients = (0, 9, 19, 29), (-8.0, 0.0, 4.0)
+    experiment = ActivationAddition(layers=layers, coefficients=coefficients)
+    results = _run(experiment, smollm2, tmp_path, limit=2)
+    tok, hf = smollm2.tokenizer, smollm2.hf
+    positive, negative = tok("I love").input_ids, tok("I hate").input_ids
+    for record, (prompt, _, _) in zip(results, PROMPTS):
+        ids = tok(prompt).input_ids
+        a, f = record.info["answer_id"], record.info["foil_id"]
+        expected = []
+        for layer in layers:
+            v = ref.activation(hf, positive, "resid_pre", layer, -1) - ref.activation(hf, negative, "resid_pre", layer, -1)
+            expected.append([ref.logit_diff(ref.run(hf, ids, [("resid_pre", layer, list(range(len(ids))), None,
+                                                                lambda x, c=c, v=v: x + c * v)])[0], a, f)
+                             for c in coefficients])
+        assert_close(record["steered.logit_diff"].values, expected, "SmolLM2 activation addition")

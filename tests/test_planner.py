@@ -73,9 +73,10 @@ def test_a_plan_holds_one_vectorised_edit_per_point_and_kind():
     assert copy.heads is None
 
 
-def test_an_unknown_edit_names_the_known_ones():
+def test_an_unknown_operation_names_the_known_ones():
     groups = pack_runs([("x", [1, 2], 1, 2, [Run()], [Run([RunEdit(RESID_2, "scale", [0])])])], None)
-    with pytest.raises(ConfigError, match="unknown edit 'scale'; choose one of: copy, add, set, block"):
+    with pytest.raises(ConfigError, match="unknown trace operation 'scale'; choose one of: copy, add, set, rewrite, "
+                                          "read, block"):
         build_plan(groups[0], 0, "logit_diff")
 
 

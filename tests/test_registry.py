@@ -41,7 +41,7 @@ def test_registry_names_what_it_knows_and_refuses_a_second_owner():
 
 def test_every_registry_holds_the_built_in_names():
     assert nnexp.KINDS.names() == ["patching", "logit-attribution", "gradient-attribution", "attention-knockout",
-                                   "attribute-extraction", "sublayer-knockout", "causal-tracing"]
+                                   "attribute-extraction", "sublayer-knockout", "causal-tracing", "interventions"]
     for name, cls in nnexp.KINDS.items():
         assert issubclass(cls, nnexp.Experiment) and getattr(nnexp, cls.__name__) is cls, name
     assert {"ioi-patching", "logit-lens", "counterfact-attribution", "causal-tracing"} <= set(nnexp.EXPERIMENTS)
@@ -49,7 +49,7 @@ def test_every_registry_holds_the_built_in_names():
         assert cls.name == name and any(issubclass(cls, kind) for kind in dict(nnexp.KINDS.items()).values())
     # (other tests register a user's site or metric for the rest of the session: the built-in ones come first)
     assert nnexp.SITES.names()[:5] == ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out"]
-    assert nnexp.EDITS.names()[:4] == ["copy", "add", "set", "block"]
+    assert nnexp.EDITS.names()[:7] == ["patch", "interpolate", "add", "set", "scale", "project_out", "block"]
     assert {"logit_diff", "prob", "rank", "contrast_prob_diff"} <= set(nnexp.METRICS)
 
 

@@ -13,6 +13,11 @@ from ...plotting import heatmap, line_plot, shorten, write_figures
 from .summaries import mean_over_examples, mean_scalars
 
 
+def _file(name: str) -> str:
+    """A tensor's name as part of a file name (no dots: the suffix is the file type)."""
+    return name.replace(".", "-")
+
+
 def _labels(values: list) -> list[str]:
     return [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
 
@@ -64,7 +69,7 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
         prompt = shorten(record.info.get("prompt", ""))
         for name in grid_names:
             figures += _grid_figures(record[name], f"{name}<br><sup>{about} · example {record.index}: {prompt}</sup>",
-                                     name.split(".", 1)[1], out_dir / f"example-{record.index:04d}-{name}")
+                                     name.split(".", 1)[1], out_dir / f"example-{record.index:04d}-{_file(name)}")
         for metric in experiment.metrics:
             figures += _runs_bar(record.scalars, metric,
                                  f"{metric} per run<br><sup>{about} · example {record.index}: {prompt}</sup>",
@@ -76,7 +81,7 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
         except Exception:  # noqa: BLE001 - examples of different shapes have no mean figure
             continue
         figures += _grid_figures(mean, f"{name}, mean over {n} examples<br><sup>{about}</sup>",
-                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{name}")
+                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{_file(name)}")
     scalars = mean_scalars(results)
     for metric in experiment.metrics:
         figures += _runs_bar(scalars, metric, f"{metric} per run, mean over {n} examples<br><sup>{about}</sup>",
