@@ -5,6 +5,7 @@
     nnexp run counterfact-attribution [--metric contrast_logits_diff] [--site attn_out] [--load-in-8bit]
     nnexp resume results/ioi-patching/smollm2-135m/run-1a2b3c4d5e
     nnexp plot results/ioi-patching/smollm2-135m/run-1a2b3c4d5e [--allow-missing]
+    nnexp run ioi-patching --model gpt2-folder --checkpoint checkpoint_step.pth
     nnexp run ioi-patching --backend remote [--remote-host URL] [--no-wait]
     nnexp fetch results/ioi-patching/HuggingFaceTB--SmolLM2-135M-Instruct/run-...
 
@@ -105,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run an experiment and store its results")
     run.add_argument("experiment", help="a built-in experiment name (see `nnexp list`), file.py[:Class] or module:Class")
-    run.add_argument("--model", default=None, help="model alias, local folder or Hugging Face repo id (default smollm2-135m)")
+    run.add_argument("--model", default=None, help="model alias, local folder or Hugging Face repo id (default smollm2-135m); "
+                     "with --checkpoint also a config.json")
+    run.add_argument("--checkpoint", default=None, metavar="PATH",
+                     help="weights of your own (torch.save of a state dict, or .safetensors) loaded into the "
+                          "architecture of --model, which may also be a config.json beside a tokenizer")
     run.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     run.add_argument("--data", default=None, help="data file (JSON Lines) instead of the experiment's built-in examples")
     run.add_argument("--limit", type=int, default=None, help="compute only the first N examples")
@@ -217,25 +222,30 @@ def cmd_run(args) -> None:
         remote_model=args.remote_model,
         remote=_remote_options(args),
         wait=not args.no_wait,
+        checkpoint=args.checkpoint,
     )
     print(results.path)
 
 
 def _model_reference(model_spec: dict) -> str:
     source = model_spec["source"]
-    return {"alias": source.get("alias"), "folder": source.get("path"), "hub": source.get("repo_id"),
-            "remote": source.get("from")}[source["kind"]]
+    return {"alias": source.get("alias"), "folder": source.get("path"), "config": source.get("path"),
+            "hub": source.get("repo_id"), "remote": source.get("from")}[source["kind"]]
 
 
 def _resume(args, collect_only: bool = False, wait: bool = True):
     """Continue the run in `args.directory` as it was started (its experiment, model,
-    backend, host and limit), with the options given now."""
+    checkpoint, backend, host and limit), with the options given now."""
     from .experiment import experiment_from_spec
+    from .models.checkpoints import check_unchanged
     from .runner import run
     from .store import RunDirectory
 
     spec = RunDirectory(args.directory).read_spec()
     experiment = experiment_from_spec(spec["experiment"])
+    recorded = spec["model"]["source"].get("checkpoint")
+    # the same weights, or a refusal now (rather than a different run's identity later)
+    checkpoint = check_unchanged(recorded, args.directory) if recorded else None
     stored = spec.get("run", {}).get("backend") or {"kind": "local"}
     backend = getattr(args, "backend", None) or stored["kind"]
     remote = _remote_options(args)
@@ -259,6 +269,7 @@ def _resume(args, collect_only: bool = False, wait: bool = True):
         remote=remote,
         wait=wait,
         collect_only=collect_only,
+        checkpoint=checkpoint,
     )
 
 

@@ -250,6 +250,7 @@ def run(
     remote: dict | None = None,
     wait: bool = True,
     collect_only: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> Results:
     """Run `experiment` on `model` and store the results; returns them loaded.
 
@@ -281,6 +282,9 @@ def run(
             `nnexp fetch` (or this function with collect_only=True).
         collect_only: fetch the results of submitted chunks (waiting for them when
             `wait`), and submit nothing new.
+        checkpoint: when `model` is a name, a training checkpoint whose weights are loaded
+            into that architecture (`load_model(..., checkpoint=)`); its SHA-256 is part of
+            the run's identity, so another checkpoint makes another run.
     """
     if examples_per_trace is None:
         examples_per_trace = experiment.examples_per_trace
@@ -291,10 +295,14 @@ def run(
     remote = dict(remote or {})
     # Refused now rather than after loading the model and computing the first chunk.
     check_writable(out if out is not None else DEFAULT_RESULTS_ROOT / (experiment.name or ""))
+    if checkpoint is not None and not isinstance(model, str):
+        raise ConfigError("checkpoint= applies when model is a name; for a loaded model, pass it to "
+                          "load_model(name, checkpoint=...)")
     if isinstance(model, str):
         backend = backend or "local"
         model = load_model(model, device=device, dtype=dtype, load_in_8bit=load_in_8bit, backend=backend,
-                           remote_model=remote_model, **(remote if backend == "remote" else {}))
+                           remote_model=remote_model, checkpoint=checkpoint,
+                           **(remote if backend == "remote" else {}))
     elif backend is not None:
         if backend == "remote" and model.remote_id is None:
             # a model loaded here, run on a server that serves the same weights (tests do this)

@@ -1,4 +1,5 @@
-"""`load_model`: a hub id, a local folder or a built-in alias, ready to trace.
+"""`load_model`: a hub id, a local folder or a built-in alias, ready to trace;
+optionally with the weights of a training checkpoint (`nnexp.models.checkpoints`).
 
 The result is a `Model`: the Hugging Face model and tokenizer, the nnsight wrapper
 that traces them, and the resolved `Architecture` that says where everything lives.
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from . import hub
+from . import checkpoints, hub
 from .aliases import ALIASES, alias_folder, suggestion
 from .architectures import Architecture
 
@@ -37,7 +38,8 @@ class Model:
 
     Attributes:
         name: short name used in results paths (the alias, the repo id, or the folder name).
-        source: where it came from: {"kind": "alias" | "hub" | "folder" | "remote", ...}.
+        source: where it came from: {"kind": "alias" | "hub" | "folder" | "config" | "remote", ...},
+            with {"checkpoint": {"path", "sha256"}} for a model given a training checkpoint.
         hf: the Hugging Face `*ForCausalLM` module, in eval mode.
         tokenizer: its tokenizer (nnsight sets left padding and a pad token).
         nn: the nnsight `TransformersModel` wrapping `hf`.
@@ -205,9 +207,11 @@ def load_model(
     load_in_8bit: bool = False,
     backend: str = "local",
     remote_model: str | None = None,
+    checkpoint: str | Path | None = None,
     **remote_options,
 ) -> Model:
-    """Load a causal LM by built-in alias, local folder, or Hugging Face Hub id.
+    """Load a causal LM by built-in alias, local folder, or Hugging Face Hub id; or
+    the weights of a training checkpoint into such a model's architecture.
 
     Args:
         name_or_path: an alias (`nnexp list` shows them), a folder holding a saved
@@ -223,11 +227,22 @@ def load_model(
         remote_model: with backend="remote", the repo id the server knows the model by
             (default: the hub id itself, or an alias's original checkpoint; a local
             folder needs it).
+        checkpoint: a file of weights to use instead of the base's: a state dict saved
+            with `torch.save` (alone or nested in a training checkpoint) or a
+            `.safetensors` file. `name_or_path` then gives the architecture and tokenizer,
+            and may also be a `config.json` path (its folder must hold the tokenizer).
+            Read with `weights_only=True`; see `nnexp.models.checkpoints`.
         remote_options: with backend="remote", options of `nnexp.remote.RemoteExecutor`
             (host, timeout, retries, backoff, trusted_hosts).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if checkpoint is not None and backend == "remote":
+        raise ModelError("a checkpoint's weights are on this machine, and a remote server cannot load them; run "
+                         "locally (or with --backend remote-local)")
+    if checkpoint is not None and load_in_8bit:
+        raise ModelError("8-bit loading (--load-in-8bit) is not available with a checkpoint; load it in float16 or "
+                         "bfloat16 instead (--dtype)")
     if backend == "remote":
         return _load_remote(name_or_path, dtype, attn_implementation, remote_model, remote_options)
     if backend not in ("local", "remote-local"):
@@ -239,27 +254,95 @@ def load_model(
     if load_in_8bit:
         placement, extra["quantization_config"] = _eight_bit(device, placement)
 
+    if checkpoint is not None:
+        return _load_checkpoint(name_or_path, checkpoint, device, torch_dtype, extra).use_backend(backend)
     path, name, source = _locate(name_or_path)
+    if source["kind"] == "config":
+        raise ModelError(f"{path} is a config file: an architecture without weights; give the weights with "
+                         "--checkpoint (checkpoint=), or pass a folder holding a saved model")
     cache = _hub_access(name_or_path, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **cache)
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement, **extra, **cache)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if source["kind"] == "hub":
-            raise ModelError(
-                f"could not load model {name_or_path!r}: it is not a built-in alias "
-                f"({', '.join(ALIASES)}) or a local folder, and the Hugging Face Hub could not "
-                f"provide it ({first_line}); check the id and the network, or pass a local folder"
-                f"{suggestion(name_or_path)}"
-            ) from None
-        raise ModelError(f"could not load model from {path}: {first_line}") from None
+        raise _load_error(name_or_path, path, source, error) from None
 
     if "device_map" not in placement and str(device or "cpu").lower() not in ("cpu", "auto"):
         hf_model.to(device)
     model = wrap_model(hf_model, tokenizer, name, source)
     model.quantization = "8bit" if load_in_8bit else None
     return model.use_backend(backend)
+
+
+def _load_error(name_or_path: str, path, source: dict, error: Exception) -> ModelError:
+    """One line for a model, config or tokenizer that transformers could not load."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if source["kind"] == "hub":
+        return ModelError(
+            f"could not load model {name_or_path!r}: it is not a built-in alias "
+            f"({', '.join(ALIASES)}) or a local folder, and the Hugging Face Hub could not "
+            f"provide it ({first_line}); check the id and the network, or pass a local folder"
+            f"{suggestion(name_or_path)}"
+        )
+    return ModelError(f"could not load model from {path}: {first_line}")
+
+
+def _load_checkpoint(name_or_path: str, checkpoint, device, torch_dtype, extra: dict) -> Model:
+    """The base's architecture (from its config alone: its weights are never read, nor
+    downloaded) and tokenizer, with the checkpoint's weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    checkpoint = checkpoints.locate(checkpoint)
+    path, name, source = _locate(name_or_path)
+    tokenizer_folder = _tokenizer_folder(path) if source["kind"] == "config" else path
+    cache = _hub_access(name_or_path, source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, **cache)
+        config = AutoConfig.from_pretrained(path, **cache)
+    except (OSError, ValueError) as error:
+        raise _load_error(name_or_path, path, source, error) from None
+    identity = checkpoints.describe(checkpoint)  # hashed before reading: the run records these bytes
+    state_dict = checkpoints.read_state_dict(checkpoint)
+    # Every weight is overwritten by the checkpoint (check_fit refuses one that would not
+    # be), so random initialisation would be wasted time; tying is part of it, so redo it.
+    with no_init_weights():
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **extra)
+    hf_model.tie_weights()
+    checkpoints.load_into(hf_model, state_dict, checkpoint, name)
+    del state_dict
+    _place(hf_model, device, torch_dtype)
+    return wrap_model(hf_model, tokenizer, f"{name}+{checkpoint.stem}", {**source, "checkpoint": identity})
+
+
+# Files a saved tokenizer leaves in its folder (any one of them will do for AutoTokenizer).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer_folder(config_path: Path) -> Path:
+    """The folder of a config file, which must hold the tokenizer too."""
+    folder = config_path.parent
+    if not any((folder / file).exists() for file in _TOKENIZER_FILES):
+        raise ModelError(f"{folder} has {config_path.name} but no tokenizer files; pass a folder with a tokenizer "
+                         "(tokenizer.save_pretrained(folder) beside the config)")
+    return folder
+
+
+def _place(hf_model, device: str | None, torch_dtype) -> None:
+    """Move a model built here to `device` (cpu, cuda, cuda:N; auto shards over the GPUs
+    as from_pretrained's device_map="auto" does, and stays on the CPU without one)."""
+    device = (device or "cpu").lower()
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    if device != "auto":
+        hf_model.to(device)
+        return
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(hf_model, no_split_module_classes=sorted(hf_model._no_split_modules or ()),
+                                       dtype=torch_dtype)
+    dispatch_model(hf_model, device_map, skip_keys=sorted(hf_model._skip_keys_device_placement or ()) or None)
+    hf_model.hf_device_map = device_map
 
 
 def _hub_access(name_or_path: str, source: dict) -> dict:
@@ -284,6 +367,8 @@ def _locate(name_or_path: str) -> tuple[Path | str, str, dict]:
     """Where a model name points: (what from_pretrained takes, the results name, the source)."""
     if name_or_path in ALIASES:
         return alias_folder(name_or_path), name_or_path, {"kind": "alias", "alias": name_or_path}
+    if Path(name_or_path).expanduser().is_file():
+        return _config_file(Path(name_or_path).expanduser().resolve())
     if Path(name_or_path).expanduser().is_dir():
         path = Path(name_or_path).expanduser().resolve()
         if not (path / "config.json").exists():
@@ -300,12 +385,25 @@ def _locate(name_or_path: str) -> tuple[Path | str, str, dict]:
     )
 
 
+def _config_file(path: Path) -> tuple[Path, str, dict]:
+    """A model given as a config file: an architecture, for a checkpoint's weights."""
+    if path.suffix != ".json":
+        raise ModelError(
+            f"model {path} is a file; give a built-in alias, a saved model's folder, a hub id, or a config.json "
+            "(with a checkpoint). A checkpoint of weights goes in --checkpoint (checkpoint=), with its base in --model")
+    name = path.parent.name if path.name == "config.json" else path.stem
+    return path, name, {"kind": "config", "path": str(path)}
+
+
 def _load_remote(name_or_path: str, dtype, attn_implementation, remote_model, options) -> Model:
     """A model that runs on a server: its module tree on the meta device (no weights),
     its tokenizer here, and a remote executor."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path, _, source = _locate(name_or_path)
+    if source["kind"] == "config":
+        raise ModelError(f"{path} is a config file, which a remote run cannot use; give the hub id or alias of the "
+                         "model the server serves (or a saved model's folder with --remote-model)")
     if source["kind"] == "folder" and remote_model is None:
         raise ModelError(
             f"{path} is a local folder; a remote server cannot load it. Pass the repo id the server serves "
