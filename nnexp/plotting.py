@@ -14,7 +14,6 @@ their roles, and with "*" otherwise.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import plotly.graph_objects as go

@@ -408,3 +408,39 @@ def test_activation_addition_on_smollm2_matches_plain_hooks(smollm2, tmp_path):
                                                                 lambda x, c=c, v=v: x + c * v)])[0], a, f)
                              for c in coefficients])
         assert_close(record["steered.logit_diff"].values, expected, "SmolLM2 activation addition")
+
+
+def test_metrics_at_another_position_match_plain_hooks(gpt2, tmp_path):
+    """metric_position counts from the end (-2) or the start (3), per example length."""
+    v, _ = _vectors(EveryEdit().compile(gpt2).shape)
+    for position in (-2, 3):
+        experiment = _one_run(lambda m: Run(Add(v, 1.5, site="resid_post", layer=0)), metric_position=position,
+                              metrics=("logit_diff", "kl"), reference="clean")
+        record = _run(experiment, gpt2, tmp_path / str(position))[0]
+        example = EXAMPLES[1]
+        ids = gpt2.tokenizer(example.prompt).input_ids
+        a, f = record.info["answer_id"], record.info["foil_id"]
+        clean = ref.run(gpt2.hf, ids, logits_position=position)[0]
+        edited = ref.run(gpt2.hf, ids, [("resid_post", 0, list(range(len(ids))), None, lambda x: x + 1.5 * v)],
+                         logits_position=position)[0]
+        assert record.scalars["edited.logit_diff"] == pytest.approx(ref.logit_diff(edited, a, f), abs=1e-4)
+        assert record.scalars["edited.kl"] == pytest.approx(ref.kl(clean, edited), abs=1e-5)
+        assert record.scalars["clean.logit_diff"] == pytest.approx(ref.logit_diff(clean, a, f), abs=1e-4)
+
+
+def test_the_command_line_runs_and_refuses_with_one_line(tmp_path):
+    from tests.helpers import cli, one_line_error, save_tiny_model
+
+    folder = save_tiny_model("gpt2", tmp_path / "model")
+    ok = cli("run", "activation-addition", "--model", folder, "--layers", "0,2", "--set", "coefficients=-2,0,2",
+             "--limit", 1, "--no-figures", "--quiet", "--out", tmp_path / "run", "--backend", "remote-local")
+    assert ok.returncode == 0, ok.stderr
+    record = nnexp.load_results(tmp_path / "run")[0]
+    assert record["steered.logit_diff"].coords == {"layer": [0, 2], "coefficient": [-2.0, 0.0, 2.0]}
+    one_line_error(cli("run", "activation-addition", "--model", folder, "--set", "coefficients=", "--quiet"),
+                   "coefficients")
+    one_line_error(cli("run", "activation-addition", "--model", folder, "--layers", "5", "--quiet"), "layer 5")
+    one_line_error(cli("run", "activation-addition", "--model", folder, "--set", "site=nowhere", "--quiet"),
+                   "nowhere")
+    listed = cli("list")
+    assert "project_out" in listed.stdout and "interventions" in listed.stdout and "kl " in listed.stdout

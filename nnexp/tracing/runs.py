@@ -1,6 +1,6 @@
 """Edited runs of one prompt, packed into trace plans: the one planner of every kind
 whose traces are edited runs (activation patching, attention knockout, sublayer
-knockout, causal tracing).
+knockout, causal tracing, and the runs users declare with `nnexp.interventions`).
 
 Each such kind turns one example into a few *base* runs (the clean run; for patching
 also the corrupted run; for causal tracing the noised runs) and many *variant* runs
@@ -9,10 +9,17 @@ run is the example's prompt (or its own token ids, e.g. the corrupted prompt of 
 patching pair, of the same length) plus a list of `RunEdit`s, each saying what to do
 to one hook point's tensor in that row, optionally restricted to one attention head:
 
-- "copy": take the value of the group's first run (the clean run) at `positions`;
+- "copy": take the value of one of the group's base runs (`source`; the first, the
+  clean run, by default) at `positions`;
 - "add": add `values` at `positions` (noise);
 - "set": overwrite with `values` at `positions` (zero or mean ablation);
+- "rewrite": replace the vectors at `positions` by `fn(vectors, **params)` (optionally
+  with a base run's vectors as `source=`): the declared edits of `nnexp.interventions`;
+- "read": return the vectors at `positions` (or their projection on `values`);
 - "block": block attention from the last position to the keys `positions`.
+
+A run may also say which base run its metrics compare with (`reference`), where they
+read the logits (`metric_offset` from the end) and a set of answer tokens (`answers`).
 
 `pack_runs` splits the variants of many examples into traces of at most `max_rows`
 rows, repeating an example's base runs in every trace that holds some of its variants
