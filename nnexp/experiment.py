@@ -27,6 +27,7 @@ from .data import file_fingerprint
 from .errors import ConfigError
 from .params import coerce_params, validate_fields
 from .registry import EXPERIMENTS, import_file
+from .statistics import DEFAULT_CI, DEFAULT_N_BOOT, check_settings
 
 
 @dataclass
@@ -40,6 +41,11 @@ class Experiment:
 
     Fields:
         data: a data file to read examples from; None uses `default_examples()`.
+        ci: the coverage of the bootstrap intervals of every dataset-level number
+            (0.95: 95% intervals; `nnexp.statistics`).
+        n_boot: how many bootstrap resamples of the examples each interval is drawn from.
+        (ci and n_boot change summaries and figures, not stored numbers, so they are
+        not part of a run's identity.)
 
     Annotate every field precisely (`bool`, `int`, `tuple[int, ...] | None`...): the
     annotation is what a value is checked and coerced against (`nnexp.params`). A
@@ -52,9 +58,12 @@ class Experiment:
     examples_per_trace: ClassVar[int] = 1
 
     data: str | None = None
+    ci: float = DEFAULT_CI
+    n_boot: int = DEFAULT_N_BOOT
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check_settings(self.ci, self.n_boot)
 
     # -- data -----------------------------------------------------------------
 
@@ -85,6 +94,14 @@ class Experiment:
 
     def figures(self, results, out_dir: Path) -> list[Path]:
         """Draw the experiment's figures from stored results; returns the files written."""
+        return []
+
+    def summary_rows(self, results) -> list[dict]:
+        """The dataset-level numbers of stored results with their bootstrap intervals, one
+        dict per number with the columns of `nnexp.statistics.SUMMARY_COLUMNS` (kind,
+        measure, role, layer, head, mean, lower, upper, n). `Results.summary()` and the
+        run's summary.csv are made of these; every built-in kind overrides this, and a
+        user's experiment may. The default has none."""
         return []
 
     # -- serialisation ---------------------------------------------------------

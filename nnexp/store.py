@@ -4,7 +4,9 @@ Layout of `results/<experiment>/<model>/<run>/`:
 
     spec.json                  experiment (class + every parameter), model, data, versions,
                                the run's identity (`run_id`) and the options of its latest
-                               command (its --limit among them)
+                               command (its --limit, ci and n_boot among them)
+    summary.csv                every dataset-level mean with its bootstrap interval
+                               (`Results.summary()`, `nnexp.statistics`)
     examples/000000.safetensors  one file per finished example: its tensors, and in the
                                header metadata its axis names, labels, scalars, info
                                (prompts, token ids, token strings, answer, foil), the run's
@@ -49,6 +51,7 @@ from .disk import failure_fix, failure_reason, write_atomically
 from .errors import ResultsError, StoreWriteError
 from .example_file import DamagedExampleError, decode, encode
 from .results import ExampleRecord, Results
+from .statistics import STATISTICS_PARAMS
 
 FORMAT = "nnexp-results/2"
 OLDER_FORMATS = ("nnexp-results/1",)  # without run identity or checksums
@@ -58,6 +61,8 @@ def identity(spec: dict) -> dict:
     """The parts of a spec that determine the numbers (not device, limits or versions)."""
     params = dict(spec["experiment"]["params"])
     params.pop("data", None)  # the data file is identified by its content below
+    for name in STATISTICS_PARAMS:  # how results are summarised (ci, n_boot), not what is computed
+        params.pop(name, None)
     data = {k: v for k, v in spec["data"].items() if k not in ("path", "n_examples")}
     model = spec["model"]
     return {
@@ -176,8 +181,17 @@ class RunDirectory:
                         f"{self.path} holds results of a different run (differs in {', '.join(differ)}); "
                         "choose another --out directory, or delete this one to start over"
                     )
+                changed = False
                 if "limit" in spec["run"] and stored.get("run", {}).get("limit") != spec["run"]["limit"]:
                     stored = {**stored, "run": {**stored.get("run", {}), "limit": spec["run"]["limit"]}}
+                    changed = True
+                # the latest ci / n_boot summarise the run (`nnexp plot`, `results.summary()`)
+                given = {k: v for k, v in spec["experiment"]["params"].items() if k in STATISTICS_PARAMS}
+                if any(stored["experiment"]["params"].get(k) != v for k, v in given.items()):
+                    params = {**stored["experiment"]["params"], **given}
+                    stored = {**stored, "experiment": {**stored["experiment"], "params": params}}
+                    changed = True
+                if changed:
                     self._write_json(self.spec_path, stored)
                 return stored
         except OSError as error:  # creating the folders or the lock file
@@ -358,6 +372,15 @@ class RunDirectory:
                 stats["bytes_per_example"] = round(stats["bytes_received"] / stats["examples_received"])
             self._write_json(path, stats)
         return stats
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.csv"
+
+    def write_summary(self, text: str) -> Path:
+        """The run's summary table (`Results.summary()`) as summary.csv."""
+        self._write(self.summary_path, text.encode())
+        return self.summary_path
 
     def write_index(self, records: list[ExampleRecord]) -> None:
         lines = [json.dumps({"index": r.index, **r.scalars, **r.info}) for r in records]
