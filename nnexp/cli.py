@@ -291,7 +291,7 @@ def cmd_fetch(args) -> None:
 
 def cmd_plot(args) -> None:
     from .experiment import experiment_from_spec
-    from .runner import draw_figures
+    from .runner import draw_figures, write_summary
     from .store import RunDirectory, describe_indices, load_results
 
     results = load_results(args.directory, allow_missing=args.allow_missing)
@@ -299,8 +299,10 @@ def cmd_plot(args) -> None:
         console.note(f"drawing the {len(results)} examples there are; {len(results.missing)} of the run's are missing "
                      f"({describe_indices(results.missing)})")
     experiment = experiment_from_spec(results.spec["experiment"])
-    written = draw_figures(experiment, results, RunDirectory(results.path))
+    directory = RunDirectory(results.path)
+    written = draw_figures(experiment, results, directory)
     console.note(f"wrote {len(written)} figure files to {results.path / 'figures'}")
+    write_summary(experiment, results, directory)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@
 `ExampleRecord` holding its labelled tensors (e.g. "resid_post": layer x position),
 its scalars (e.g. the clean and corrupted metric) and its info (prompts, tokens,
 answer, foil). Examples that share a group and a token count can be stacked into
-one tensor with an "example" axis and averaged.
+one tensor with an "example" axis and averaged; `summary()` gives every dataset-level
+mean with its bootstrap interval, examples of any length aligned by role.
 """
 
 from __future__ import annotations
@@ -102,3 +103,26 @@ class Results:
 
     def scalar(self, name: str) -> torch.Tensor:
         return torch.tensor([record.scalars[name] for record in self.records])
+
+    def experiment(self, **statistics):
+        """The experiment this run was made with, rebuilt from its spec; `statistics`
+        (ci=, n_boot=) override how it summarises."""
+        import dataclasses
+
+        from .experiment import experiment_from_spec
+
+        experiment = experiment_from_spec(self.spec["experiment"])
+        given = {k: v for k, v in statistics.items() if v is not None}
+        return dataclasses.replace(experiment, **given) if given else experiment
+
+    def summary(self, ci: float | None = None, n_boot: int | None = None):
+        """Every dataset-level mean of the run with its bootstrap interval, as a tidy
+        pandas DataFrame with columns kind, measure, role, layer, head, mean, lower,
+        upper, n (`nnexp.statistics`). "role" holds whatever names the cell besides its
+        layer and head: a role (S2, last subject token), a component, a source set.
+        `ci` and `n_boot` default to the run's (its spec's) settings."""
+        from .statistics import summary_frame
+
+        if not self.records:
+            raise ResultsError(f"{self.path} holds no examples to summarise")
+        return summary_frame(self.experiment(ci=ci, n_boot=n_boot).summary_rows(self))

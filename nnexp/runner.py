@@ -4,7 +4,9 @@ The runner is the same for every experiment kind. It checks that the results
 directory can be written before loading the model, validates all examples before
 computing anything (bad data fails in seconds, not after an hour), skips examples
 already stored in the run directory, runs the rest in chunks with a progress bar,
-stores each example the moment its chunk finishes, and draws figures at the end.
+stores each example the moment its chunk finishes, and at the end draws figures and
+writes summary.csv (every dataset-level mean with its bootstrap interval), naming the
+largest effects at the terminal.
 
 Several processes may run the same command into one directory: each claims the
 examples of a chunk before computing them (`nnexp.claims`), leaves to the others
@@ -24,7 +26,7 @@ from pathlib import Path
 from .console import note, progress
 from .contract import ChunkPlan, CompiledExperiment
 from .disk import check_writable
-from .errors import ConfigError, ResultsError, StoreWriteError
+from .errors import ConfigError, NnexpError, ResultsError, StoreWriteError
 from .experiment import Experiment
 from .interrupts import InterruptGuard
 from .models import Model, load_model
@@ -417,7 +419,32 @@ def run(
         written = draw_figures(experiment, results, directory)
         if written:
             note(f"wrote {len(written)} figure files to {directory.figures_dir}")
+    write_summary(experiment, results, directory)
     return results
+
+
+def write_summary(experiment: Experiment, results: Results, directory: RunDirectory) -> list[dict] | None:
+    """summary.csv (every dataset-level mean with its bootstrap interval) and a few lines
+    at the terminal naming the largest effects with their intervals; returns the rows
+    (None when the run has nothing to summarise)."""
+    from .statistics import summary_csv, top_findings
+
+    if not results.records:
+        return None
+    try:
+        rows = experiment.summary_rows(results)
+    except NnexpError as error:  # e.g. examples whose tensors cannot be averaged; the run is stored
+        note(f"no summary: {error}")
+        return None
+    if not rows:
+        return None
+    with directory.lock():
+        path = directory.write_summary(summary_csv(rows))
+    note(f"wrote {len(rows)} means with {100 * experiment.ci:g}% bootstrap intervals ({experiment.n_boot} resamples "
+         f"of the {len(results)} examples) to {path}")
+    for line in top_findings(rows):
+        note(line)
+    return rows
 
 
 def draw_figures(experiment: Experiment, results: Results, directory: RunDirectory) -> list[Path]:

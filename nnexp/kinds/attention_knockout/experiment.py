@@ -83,6 +83,11 @@ class AttentionKnockoutExperiment(RecallExperiment):
 
         return knockout_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 class CompiledAttentionKnockout(CompiledRunsExperiment):
     def __init__(self, experiment: AttentionKnockoutExperiment, model) -> None:

@@ -90,6 +90,11 @@ class AttributeExtractionExperiment(RecallExperiment):
 
         return extraction_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 def load_attributes_file(path: str) -> dict[str, list[str]]:
     """{subject: [words]} from a JSON file, or a DataError naming what is wrong."""

@@ -98,6 +98,11 @@ class CausalTracingExperiment(RecallExperiment):
 
         return causal_tracing_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 def subject_noise(samples: int, subject_tokens: int, d_model: int, std: float, seed: int) -> torch.Tensor:
     """[samples, subject_tokens, d_model] Gaussian noise, float32, from its own seeded generator."""

@@ -89,6 +89,11 @@ class GradientAttributionExperiment(FactExperiment):
 
         return gradient_attribution_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 class CompiledGradientAttribution(CompiledFactExperiment):
     """A `GradientAttributionExperiment` bound to a model.

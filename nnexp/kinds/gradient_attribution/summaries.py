@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 from ...errors import DataError
+from ...statistics import Estimate, bootstrap, settings
+
+KIND = "gradient_attribution"
+MEASURES = ("attribution", "attribution_norm")
 
 
 def subject_and_last_profile(results, name: str = "attribution") -> dict:
@@ -28,3 +32,22 @@ def subject_and_last_profile(results, name: str = "attribution") -> dict:
         "last_token": torch.stack(last).mean(0),
         "n": len(records),
     }
+
+
+def profile_estimate(experiment, results, name: str = "attribution") -> Estimate:
+    """`subject_and_last_profile` with bootstrap intervals over examples: dims (role,
+    layer), roles "last subject token" and "last token"."""
+    profile = subject_and_last_profile(results, name)
+    records = list(results)
+    values = torch.stack([torch.stack([r[name].values[:, r.info["subject_tokens"][1] - 1], r[name].values[:, -1]])
+                          for r in records]).double()
+    return bootstrap(values, ("role", "layer"), {"role": ["last subject token", "last token"],
+                                                 "layer": profile["layers"]}, **settings(experiment))
+
+
+def summary_rows(experiment, results) -> list[dict]:
+    rows = []
+    for name in MEASURES:
+        if name in list(results)[0].tensors:
+            rows += profile_estimate(experiment, results, name).rows(KIND, f"{name} ({experiment.site})")
+    return rows

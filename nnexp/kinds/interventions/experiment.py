@@ -118,6 +118,11 @@ class InterventionExperiment(Experiment):
 
         return intervention_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 @dataclass
 class _Row:

@@ -107,6 +107,11 @@ class LogitAttributionExperiment(Experiment):
 
         return logit_attribution_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 @dataclass
 class _Item:

@@ -111,6 +111,11 @@ class PatchingExperiment(Experiment):
 
         return patching_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 @dataclass
 class _Cell:

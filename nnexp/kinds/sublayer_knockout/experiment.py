@@ -78,6 +78,11 @@ class SublayerKnockoutExperiment(RecallExperiment):
 
         return sublayer_figures(self, results, out_dir)
 
+    def summary_rows(self, results) -> list[dict]:
+        from .summaries import summary_rows
+
+        return summary_rows(self, results)
+
 
 class CompiledSublayerKnockout(CompiledRunsExperiment):
     def __init__(self, experiment: SublayerKnockoutExperiment, model) -> None:
