@@ -1,6 +1,10 @@
 """Plotting with plotly, for every kind: heatmaps and line plots with titles, axis
 labels and token labels, written as HTML (and PNG).
 
+Dataset means carry their bootstrap intervals (`nnexp.statistics`): line plots draw
+them as error bars, heatmaps show them in the hover text and mark with a small grey x
+each cell whose interval contains 0.
+
 Every figure is written as HTML into one folder, with plotly.js written once beside
 them (so they open offline) and as PNG when kaleido finds a Chrome or Chromium to
 render with; without one, PNGs are skipped with a single note.
@@ -29,6 +33,13 @@ def token_label(token: str) -> str:
     return text if text.strip() else repr(text)
 
 
+def interval_text(lower, upper, n, ci: float) -> str:
+    """"95% CI [0.12, 0.40], n=24" for hover text ("" when there is no interval)."""
+    if lower is None or lower != lower or upper != upper:
+        return f"no interval (n={int(n)})" if n is not None else ""
+    return f"{100 * ci:g}% CI [{lower:.3f}, {upper:.3f}], n={int(n)}"
+
+
 def heatmap(
     values,
     *,
@@ -39,8 +50,21 @@ def heatmap(
     y_labels: list[str],
     colorbar_title: str,
     zmid: float | None = 0.0,
+    lower=None,
+    upper=None,
+    n=None,
+    ci: float = 0.95,
 ) -> go.Figure:
+    """A heatmap of `values` [y, x]. With `lower`, `upper` and `n` (arrays of its shape: a
+    bootstrap interval per cell, `nnexp.statistics`), the hover text shows each cell's
+    interval, and cells whose interval contains 0 are marked with a small grey x."""
     z = [[None if v != v else v for v in row] for row in values.tolist()]  # NaN -> gap
+    with_intervals = lower is not None and upper is not None and n is not None
+    if with_intervals:
+        lower, upper, n = _rows(lower), _rows(upper), _rows(n)
+        intervals = [[interval_text(lo, up, k, ci) for lo, up, k in zip(*cells)] for cells in zip(lower, upper, n)]
+    else:
+        intervals = [["" for _ in x_labels] for _ in y_labels]
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -50,10 +74,20 @@ def heatmap(
             reversescale=True,  # positive = red, negative = blue
             zmid=zmid,
             colorbar={"title": {"text": colorbar_title}},
-            hovertemplate=f"{y_title}: %{{customdata[0]}}<br>{x_title}: %{{customdata[1]}}<br>value: %{{z:.3f}}<extra></extra>",
-            customdata=[[[y, x] for x in x_labels] for y in y_labels],
+            hovertemplate=f"{y_title}: %{{customdata[0]}}<br>{x_title}: %{{customdata[1]}}<br>value: %{{z:.3f}}"
+                          "<br>%{customdata[2]}<extra></extra>",
+            customdata=[[[y, x, text] for x, text in zip(x_labels, texts)] for y, texts in zip(y_labels, intervals)],
         )
     )
+    if with_intervals:
+        # marked: an interval that contains 0 (the sign of the mean is not established)
+        marked = [(i, j) for i, row in enumerate(lower) for j, lo in enumerate(row)
+                  if lo == lo and upper[i][j] == upper[i][j] and lo <= 0 <= upper[i][j]]
+        fig.add_trace(go.Scatter(
+            x=[j for _, j in marked], y=[i for i, _ in marked], mode="markers", hoverinfo="skip",
+            marker={"symbol": "x-thin", "size": 7, "line": {"width": 1.5, "color": "rgba(60,60,60,0.8)"}},
+            name=f"x: {100 * ci:g}% interval contains 0", showlegend=True,
+        ))
     fig.update_layout(
         title={"text": title, "font": {"size": 16}},
         xaxis={"title": {"text": x_title}, "tickmode": "array", "tickvals": list(range(len(x_labels))), "ticktext": x_labels},
@@ -62,8 +96,16 @@ def heatmap(
         height=max(480, 200 + 18 * len(y_labels)),
         margin={"t": 130},
         template="plotly_white",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
     )
     return fig
+
+
+def _rows(array) -> list[list[float]]:
+    """A 2-d array (numpy or torch) as nested lists of floats."""
+    import numpy as np
+
+    return np.asarray(array, dtype=float).tolist()
 
 
 def line_plot(
@@ -75,11 +117,24 @@ def line_plot(
     y_title: str,
 ) -> go.Figure:
     """Lines over labelled x positions. Each series: {"name", "values", and optionally
-    "faint" (a thin grey line, e.g. one prompt under a mean), "hover" (text per point)}."""
+    "faint" (a thin grey line, e.g. one prompt under a mean), "hover" (text per point),
+    "lower", "upper", "n" and "ci" (a bootstrap interval per point, drawn as error bars
+    and shown in the hover text)}."""
     fig = go.Figure()
     x = list(range(len(x_labels)))
     for item in series:
         faint = item.get("faint", False)
+        hover = list(item.get("hover") or [""] * len(x))
+        error = None
+        if item.get("lower") is not None and item.get("upper") is not None:
+            values, lower, upper = (_floats(item[key]) for key in ("values", "lower", "upper"))
+            n = _floats(item["n"]) if item.get("n") is not None else [None] * len(x)
+            ci = item.get("ci", 0.95)
+            hover = [(h + "<br>" if h else "") + interval_text(lo, up, k, ci) if k is not None else h
+                     for h, lo, up, k in zip(hover, lower, upper, n)]
+            error = {"type": "data", "symmetric": False, "thickness": 1, "width": 3,
+                     "array": [None if up != up else up - v for v, up in zip(values, upper)],
+                     "arrayminus": [None if lo != lo else v - lo for v, lo in zip(values, lower)]}
         fig.add_trace(
             go.Scatter(
                 x=x,
@@ -88,7 +143,8 @@ def line_plot(
                 mode="lines" if faint else "lines+markers",
                 line={"width": 1, "color": "rgba(120,120,120,0.35)"} if faint else {"width": 2},
                 showlegend=not faint or item.get("legend", False),
-                customdata=[[label, extra] for label, extra in zip(x_labels, item.get("hover") or [""] * len(x))],
+                error_y=error,
+                customdata=[[label, extra] for label, extra in zip(x_labels, hover)],
                 hovertemplate="%{customdata[0]}: %{y:.3f}<br>%{customdata[1]}<extra>" + item["name"] + "</extra>",
             )
         )
@@ -106,6 +162,19 @@ def line_plot(
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
     )
     return fig
+
+
+def _floats(values) -> list[float]:
+    import numpy as np
+
+    return np.asarray(values, dtype=float).ravel().tolist()
+
+
+def interval_series(name: str, estimate, scale: float = 1.0) -> dict:
+    """A `line_plot` series of a 1-d `nnexp.statistics.Estimate` (its mean, with error
+    bars and hover text from its interval), values multiplied by `scale`."""
+    return {"name": name, "values": (scale * estimate.mean).tolist(), "lower": (scale * estimate.lower).tolist(),
+            "upper": (scale * estimate.upper).tolist(), "n": estimate.n.tolist(), "ci": estimate.ci}
 
 
 def png_available() -> bool:
@@ -174,13 +243,9 @@ def group_position_labels(records) -> list[str]:
 def _roles_by_position(record) -> dict[int, str]:
     """Position -> role label from the example's declared roles: a role mentioned once
     keeps its name ("IO"), one mentioned several times is numbered ("S1", "S2")."""
-    roles = record.info.get("roles") or {}
-    out: dict[int, str] = {}
-    for role, word in roles.items():
-        positions = [p for p, token in enumerate(record.tokens) if token.strip() and token.strip() == word.strip()]
-        for k, position in enumerate(positions):
-            out[position] = role if len(positions) == 1 else f"{role}{k + 1}"
-    return out
+    from .roles import named_positions
+
+    return named_positions(record.tokens, record.info.get("roles") or {})
 
 
 def shorten(text: str, limit: int = 90) -> str:

@@ -62,6 +62,30 @@ def test_group_labels_name_the_roles(classic_run):
     assert labels == ["When", " John", " and", " Mary", " went", " to", " the", " shops", ",", "[S2]", " gave", " the", " bag", " to"]
 
 
+def test_role_aligned_means_with_intervals_and_summary_csv(classic_run):
+    """Over all examples (two templates here), by role, each cell with its interval; the
+    run's summary.csv holds the same numbers as results.summary()."""
+    import pandas as pd
+
+    figures = classic_run.path / "figures"
+    for site in ("resid_post", "attn_out", "mlp_out", "head_out"):
+        assert (figures / f"mean-roles-{site}.html").exists(), site
+    page = (figures / "mean-roles-resid_post.html").read_text()
+    assert "per layer and role" in page and "% CI [" in page
+    assert '"S2"' in page and '"END"' in page and '"IO"' in page
+    stored = pd.read_csv(classic_run.path / "summary.csv")
+    assert list(stored.columns) == ["kind", "measure", "role", "layer", "head", "mean", "lower", "upper", "n"]
+    frame = classic_run.summary()
+    assert len(stored) == len(frame) and set(stored["measure"]) == {f"effect ({s})" for s in
+                                                                    ("resid_post", "attn_out", "mlp_out", "head_out")}
+    # two examples of each name order: the range up to S2 follows S1 in one order, IO in the other
+    by_role = stored.groupby("role")["n"].agg(set).to_dict()
+    assert by_role["S2"] == by_role["END"] == by_role["S1+1"] == by_role["IO+1"] == {4}
+    assert by_role["S1+2..S2-1"] == by_role["IO+2..S2-1"] == {2}
+    assert (stored["lower"] <= stored["mean"] + 1e-9).all() and (stored["mean"] <= stored["upper"] + 1e-9).all()
+    pd.testing.assert_series_equal(stored["mean"], frame["mean"], check_names=False)
+
+
 def test_nan_cells_are_gaps():
     import torch
 

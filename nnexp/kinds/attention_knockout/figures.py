@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...plotting import line_plot, write_figures
+from ...plotting import interval_series, line_plot, write_figures
 from ..recall_figures import experiment_and_model, fact_count, fact_line, layer_labels
-from .summaries import knockout_profile
+from .summaries import knockout_estimate
 
 
 def knockout_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
@@ -27,12 +27,13 @@ def knockout_figures(experiment, results, out_dir: Path, max_examples: int = 16)
             out_dir / f"example-{record.index:04d}-knockout",
         ))
     if results.records:
-        mean = knockout_profile(results)
-        series = [{"name": source.replace("_", "-"), "values": (100 * mean.values[i]).tolist()}
-                  for i, source in enumerate(mean.coords["source"])]
+        mean = knockout_estimate(experiment, results)
+        series = [interval_series(source.replace("_", "-"), mean.sel(source=source), scale=100)
+                  for source in mean.coords["source"]]
         figures.append((
             line_plot(layer_labels(mean.coords["layer"]), series,
-                      title=f"{title}, mean over facts<br><sup>{about} · {fact_count(experiment, results)}</sup>",
+                      title=f"{title}, mean over facts<br><sup>{about} · {fact_count(experiment, results)} · "
+                            f"error bars: {100 * experiment.ci:g}% bootstrap intervals</sup>",
                       x_title="centre of the knocked-out window (layer)", y_title="mean % change in probability"),
             out_dir / "mean-knockout",
         ))

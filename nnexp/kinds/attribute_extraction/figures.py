@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ...plotting import line_plot, token_label, write_figures
+from ...plotting import interval_series, line_plot, token_label, write_figures
 from ..recall_figures import SITE_NAMES, experiment_and_model, fact_count, fact_line, layer_labels, legend_right
-from .summaries import extraction_profile
+from .summaries import extraction_estimates, extraction_profile
 
 
 def extraction_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
@@ -41,6 +41,7 @@ def extraction_figures(experiment, results, out_dir: Path, max_examples: int = 1
             figures.append((fig, out_dir / f"example-{record.index:04d}-rank-{position.replace('_', '-')}"))
     if results.records:
         profile = extraction_profile(results)
+        estimates = extraction_estimates(experiment, results)
         coords = profile["coords"]
         measures = [("topk", f"share of facts whose attribute is among the top {experiment.top_k} tokens")]
         if profile["attribute_rate"] is not None:
@@ -48,13 +49,15 @@ def extraction_figures(experiment, results, out_dir: Path, max_examples: int = 1
                                                f"({profile['n_with_attributes']} facts with attribute words)"))
         for key, what in measures:
             for pi, position in enumerate(coords["position"]):
-                series = [{"name": f"{SITE_NAMES[site]} via {projection}", "values": profile[key][pi, ji, si].tolist()}
-                          for ji, projection in enumerate(coords["projection"]) for si, site in enumerate(coords["site"])]
+                series = [interval_series(f"{SITE_NAMES[site]} via {projection}",
+                                          estimates[key].sel(position=position, projection=projection, site=site))
+                          for projection in coords["projection"] for site in coords["site"]]
                 figures.append((
                     legend_right(line_plot(
                         layer_labels(coords["layer"]), series,
                         title=f"Attribute extraction at the {position.replace('_', ' ')} token<br><sup>{about} · "
-                              f"{fact_count(experiment, results)}<br>{what}</sup>",
+                              f"{fact_count(experiment, results)} · error bars: {100 * experiment.ci:g}% bootstrap "
+                              f"intervals<br>{what}</sup>",
                         x_title="layer", y_title=what.split(" (")[0].replace(" whose", "<br>whose"))),
                     out_dir / f"mean-{key.replace('_', '-')}-{position.replace('_', '-')}",
                 ))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ...plotting import heatmap, token_label, write_figures
 from ..recall_figures import SITE_NAMES, experiment_and_model, fact_count, fact_line, layer_labels
-from .summaries import average_indirect_effect
+from .summaries import indirect_effect_estimate
 
 
 def causal_tracing_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
@@ -30,14 +30,16 @@ def causal_tracing_figures(experiment, results, out_dir: Path, max_examples: int
             ))
     if results.records:
         for site in results.records[0].info["restore"]:
-            average = average_indirect_effect(results, site)
-            labels = [f"{name} (n={count})" for name, count in zip(average["categories"], average["counts"])]
+            average = indirect_effect_estimate(experiment, results, site)
+            labels = [f"{name} (n={int(count)})" for name, count in zip(average.labels("role"), average.n[:, 0])]
             figures.append((
-                heatmap(average["values"], title=f"Causal tracing: average indirect effect of the {SITE_NAMES[site]}"
-                        f"<br><sup>{about} · {fact_count(experiment, results)}</sup>",
+                heatmap(average.mean, title=f"Causal tracing: average indirect effect of the {SITE_NAMES[site]}"
+                        f"<br><sup>{about} · {fact_count(experiment, results)}<br>{100 * experiment.ci:g}% "
+                        "bootstrap intervals over facts in the hover text; x: interval contains 0</sup>",
                         x_title="layer" + ("" if site == "resid_post" else f" (centre of a {experiment.window}-layer window)"),
-                        y_title="token category", x_labels=layer_labels(average["layers"]),
-                        y_labels=labels, colorbar_title="average<br>indirect effect", zmid=None),
+                        y_title="token category", x_labels=layer_labels(average.labels("layer")),
+                        y_labels=labels, colorbar_title="average<br>indirect effect", zmid=None,
+                        lower=average.lower, upper=average.upper, n=average.n, ci=average.ci),
                 out_dir / f"mean-{site.replace('_', '-')}",
             ))
     return write_figures(figures)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...plotting import heatmap, line_plot, shorten, token_label, write_figures
-from .summaries import subject_and_last_profile
+from ...plotting import heatmap, interval_series, line_plot, shorten, token_label, write_figures
+from .summaries import profile_estimate
 
 MEASURES = {
     "attribution": ("gradient x activation, summed over the hidden dimension", "grad × act<br>(sum over hidden)"),
@@ -57,16 +57,15 @@ def gradient_attribution_figures(experiment, results, out_dir: Path, max_example
         total = results.spec.get("data", {}).get("n_examples")
         selected = " (facts the model predicts correctly)" if getattr(experiment, "only_correct", False) else ""
         for name, (what, _) in MEASURES.items():
-            profile = subject_and_last_profile(results, name)
-            count = f"n = {profile['n']} facts" + (f" of {total}" if total and total != profile["n"] else "") + selected
-            series = [
-                {"name": "last subject token", "values": profile["last_subject_token"].tolist()},
-                {"name": "last token", "values": profile["last_token"].tolist()},
-            ]
+            profile = profile_estimate(experiment, results, name)
+            n = len(results)
+            count = f"n = {n} facts" + (f" of {total}" if total and total != n else "") + selected
+            series = [interval_series(role, profile.sel(role=role)) for role in profile.labels("role")]
             figures.append((
-                line_plot([f"L{layer}" for layer in profile["layers"]], series,
+                line_plot([f"L{layer}" for layer in profile.labels("layer")], series,
                           title=f"Mean gradient attribution per layer at the last subject token and the last token"
-                                f"<br><sup>{about} · {count}<br>{what}</sup>",
+                                f"<br><sup>{about} · {count} · error bars: {100 * experiment.ci:g}% bootstrap "
+                                f"intervals<br>{what}</sup>",
                           x_title="layer", y_title="mean attribution"),
                 out_dir / f"mean-{name.replace('_', '-')}-by-layer",
             ))

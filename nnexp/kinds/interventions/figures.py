@@ -9,8 +9,8 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from ...plotting import heatmap, line_plot, shorten, write_figures
-from .summaries import mean_over_examples, mean_scalars
+from ...plotting import heatmap, interval_series, line_plot, shorten, write_figures
+from .summaries import grid_estimate, grid_names, mean_over_examples, mean_scalars, scalar_estimates
 
 
 def _file(name: str) -> str:
@@ -22,30 +22,46 @@ def _labels(values: list) -> list[str]:
     return [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
 
 
-def _grid_figures(tensor, title: str, value_title: str, path: Path) -> list:
+def _grid_figures(tensor, title: str, value_title: str, path: Path, estimate=None) -> list:
+    """A grid's figures; with `estimate` (its mean's bootstrap intervals), error bars on
+    the lines and intervals in the heatmap's hover text."""
     if tensor.values.dim() == 1:
         dim = tensor.dims[0]
-        return [(line_plot(_labels(tensor.labels(dim)), [{"name": value_title, "values": tensor.values.tolist()}],
-                           title=title, x_title=dim, y_title=value_title), path)]
+        series = ({"name": value_title, "values": tensor.values.tolist()} if estimate is None
+                  else interval_series(value_title, estimate))
+        return [(line_plot(_labels(tensor.labels(dim)), [series], title=title, x_title=dim, y_title=value_title), path)]
     if tensor.values.dim() != 2:
         return []  # three or more axes: no generic picture; the tensor is in the results
     rows, columns = tensor.dims
     row_labels, column_labels = _labels(tensor.labels(rows)), _labels(tensor.labels(columns))
-    series = [{"name": f"{rows} {label}", "values": tensor.values[i].tolist()} for i, label in enumerate(row_labels)]
+    if estimate is None:
+        series = [{"name": f"{rows} {label}", "values": tensor.values[i].tolist()} for i, label in enumerate(row_labels)]
+        intervals = {}
+    else:
+        series = [interval_series(f"{rows} {label}", estimate.sel(**{rows: value}))
+                  for label, value in zip(row_labels, estimate.labels(rows))]
+        intervals = {"lower": estimate.lower, "upper": estimate.upper, "n": estimate.n, "ci": estimate.ci}
     return [
         (heatmap(tensor.values, title=title, x_title=columns, y_title=rows, x_labels=column_labels,
-                 y_labels=row_labels, colorbar_title=value_title, zmid=None), path.with_name(path.name + "-heatmap")),
+                 y_labels=row_labels, colorbar_title=value_title, zmid=None, **intervals),
+         path.with_name(path.name + "-heatmap")),
         (line_plot(column_labels, series, title=title, x_title=columns, y_title=value_title),
          path.with_name(path.name + "-lines")),
     ]
 
 
-def _runs_bar(scalars: dict[str, float], metric: str, title: str, path: Path):
+def _runs_bar(scalars: dict[str, float], metric: str, title: str, path: Path, estimates=None):
+    """A bar per run; with `estimates` ({scalar name: Estimate}), error bars of their intervals."""
     names = [name.rsplit(".", 1)[0] for name in scalars if name.endswith(f".{metric}")]
     values = [scalars[f"{name}.{metric}"] for name in names]
     if not names:
         return []
-    fig = go.Figure(go.Bar(x=names, y=values, hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    error = None
+    if estimates:
+        cells = [estimates[f"{name}.{metric}"] for name in names]
+        error = {"type": "data", "symmetric": False, "array": [float(e.upper - e.mean) for e in cells],
+                 "arrayminus": [float(e.mean - e.lower) for e in cells]}
+    fig = go.Figure(go.Bar(x=names, y=values, error_y=error, hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
     fig.update_layout(title={"text": title, "font": {"size": 16}}, xaxis={"title": {"text": "run"}},
                       yaxis={"title": {"text": metric}}, template="plotly_white", width=760, height=480,
                       margin={"t": 130})
@@ -63,11 +79,10 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
     records = list(results.records)
     if not records:
         return []
-    grid_names = [name for name in records[0].tensors if name.count(".") in (1, 2)
-                  and name.split(".")[1] in experiment.metrics]
+    grids = grid_names(experiment, records)
     for record in records[:max_examples]:
         prompt = shorten(record.info.get("prompt", ""))
-        for name in grid_names:
+        for name in grids:
             figures += _grid_figures(record[name], f"{name}<br><sup>{about} · example {record.index}: {prompt}</sup>",
                                      name.split(".", 1)[1], out_dir / f"example-{record.index:04d}-{_file(name)}")
         for metric in experiment.metrics:
@@ -75,15 +90,18 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
                                  f"{metric} per run<br><sup>{about} · example {record.index}: {prompt}</sup>",
                                  out_dir / f"example-{record.index:04d}-runs-{metric}")
     n = len(records)
-    for name in grid_names:
+    intervals = f"error bars: {100 * experiment.ci:g}% bootstrap intervals over examples" if n > 1 else ""
+    for name in grids:
         try:
             mean = mean_over_examples(results, name)
         except Exception:  # noqa: BLE001 - examples of different shapes have no mean figure
             continue
-        figures += _grid_figures(mean, f"{name}, mean over {n} examples<br><sup>{about}</sup>",
-                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{_file(name)}")
+        estimate = grid_estimate(experiment, results, name) if n > 1 else None
+        figures += _grid_figures(mean, f"{name}, mean over {n} examples<br><sup>{about} · {intervals}</sup>",
+                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{_file(name)}", estimate)
     scalars = mean_scalars(results)
+    estimates = scalar_estimates(experiment, results) if n > 1 else None
     for metric in experiment.metrics:
-        figures += _runs_bar(scalars, metric, f"{metric} per run, mean over {n} examples<br><sup>{about}</sup>",
-                             out_dir / f"mean-runs-{metric}")
+        figures += _runs_bar(scalars, metric, f"{metric} per run, mean over {n} examples<br><sup>{about} · "
+                             f"{intervals}</sup>", out_dir / f"mean-runs-{metric}", estimates)
     return write_figures(figures)

@@ -1,4 +1,7 @@
-"""Activation-patching figures: per-example heatmaps of every site, and averages."""
+"""Activation-patching figures: per-example heatmaps of every site, and averages: per
+group of same-length examples (by position), over every example by role (IO, S1, S2,
+END...: `nnexp.roles`), and over every example for sites patched at all positions;
+the averages over every example carry bootstrap intervals (`nnexp.statistics`)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from ...plotting import group_position_labels, heatmap, shorten, token_label, write_figures
+from .summaries import site_estimate
 
 _SITE_TITLES = {
     "resid_pre": "residual stream (block input)",
@@ -27,13 +31,29 @@ def _axis_labels(tensor, dim: str, tokens: list[str]) -> list[str]:
     return [f"L{layer}" for layer in labels]
 
 
-def _site_figure(experiment, tensor, site: str, tokens: list[str], about: list[str]) -> go.Figure:
-    """A heatmap of one site's normalised effects; `about` lines go under the title."""
+def _site_figure(experiment, tensor, site: str, tokens: list[str], about: list[str], estimate=None) -> go.Figure:
+    """A heatmap of one site's normalised effects; `about` lines go under the title.
+    With `estimate` (`nnexp.statistics.Estimate` of the same cells) the cells carry
+    their intervals; a "role" axis is drawn like a position axis."""
     what = _SITE_TITLES.get(site, site)
     dims = tensor.dims
     values = tensor.values
     layers = _axis_labels(tensor, "layer", tokens)
-    if dims == ("layer", "position"):
+    intervals = {} if estimate is None else {"lower": estimate.lower, "upper": estimate.upper, "n": estimate.n,
+                                             "ci": estimate.ci}
+    if "role" in dims:
+        headline = (f"Patching the {what}, per layer and role" if dims == ("layer", "role")
+                    else "Patching each attention head, per role")
+        if dims == ("layer", "head", "role"):
+            values = values.flatten(0, 1)
+            intervals.update({k: intervals[k].reshape(-1, intervals[k].shape[-1]) for k in ("lower", "upper", "n")
+                              if k in intervals})
+            y_labels = [f"L{layer}H{head}" for layer in tensor.labels("layer") for head in tensor.labels("head")]
+        else:
+            y_labels = layers
+        x_title, y_title = "role (positions aligned across templates)", "layer" if dims == ("layer", "role") else "layer and head"
+        x_labels = [str(role) for role in tensor.labels("role")]
+    elif dims == ("layer", "position"):
         headline, x_title, y_title = f"Patching the {what}, per layer and position", "position (token)", "layer"
         x_labels, y_labels = _axis_labels(tensor, "position", tokens), layers
     elif dims == ("layer", "head"):
@@ -49,6 +69,8 @@ def _site_figure(experiment, tensor, site: str, tokens: list[str], about: list[s
         values, x_labels, y_labels = values.unsqueeze(1), ["all positions"], layers
     else:
         raise ValueError(f"no patching figure for axes {dims}")
+    if dims == ("layer",) and intervals:
+        intervals.update({k: intervals[k].reshape(-1, 1) for k in ("lower", "upper", "n")})
     subtitle = "<br>".join(shorten(line) for line in about)
     return heatmap(
         values,
@@ -58,6 +80,7 @@ def _site_figure(experiment, tensor, site: str, tokens: list[str], about: list[s
         x_labels=x_labels,
         y_labels=y_labels,
         colorbar_title="normalised effect<br>(0 corrupted, 1 clean)",
+        **intervals,
     )
 
 
@@ -65,7 +88,9 @@ def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16)
     """Per-example heatmaps (the first `max_examples` examples) and averages.
 
     Averages: layer x position maps over each group of examples with the same token
-    structure, and layer x head maps (no position axis) over all examples.
+    structure; layer x role maps over all examples (positions aligned by role); and
+    layer x head maps (no position axis) over all examples. The averages over all
+    examples carry bootstrap intervals.
     """
     run = f"{experiment.name or type(experiment).__name__} · {results.spec['model']['name']}"
     figures = []
@@ -83,9 +108,21 @@ def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16)
         for site in experiment.sites:
             mean = results.stack(site, records).mean("example")
             figures.append((_site_figure(experiment, mean, site, labels, about), out_dir / f"mean-{slug}-{site}"))
+    if not results.records:
+        return write_figures(figures)
+    n = len(results)
     for site in experiment.sites:
-        if results.records and "position" not in results.records[0][site].dims:
-            mean = results.stack(site).mean("example")
-            about = [f"{run} · mean over all {len(results)} examples"]
-            figures.append((_site_figure(experiment, mean, site, [], about), out_dir / f"mean-all-{site}"))
+        estimate = site_estimate(experiment, results, site)
+        interval = f"{100 * experiment.ci:g}% bootstrap intervals over examples in the hover text; x: interval contains 0"
+        if "role" in estimate.dims:
+            if not estimate.labels("role"):
+                continue  # no example names roles: the per-group figures are all there is
+            about = [f"{run} · mean over all {n} examples by role (IO, S1, S2, END...; other positions left out)",
+                     f"{interval}; a role's n counts the examples that have it"]
+            figures.append((_site_figure(experiment, estimate.labelled(), site, [], about, estimate),
+                            out_dir / f"mean-roles-{site}"))
+        else:
+            about = [f"{run} · mean over all {n} examples", interval]
+            figures.append((_site_figure(experiment, estimate.labelled(), site, [], about, estimate),
+                            out_dir / f"mean-all-{site}"))
     return write_figures(figures)

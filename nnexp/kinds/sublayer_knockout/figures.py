@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...plotting import line_plot, write_figures
+from ...plotting import interval_series, line_plot, write_figures
 from ..recall_figures import SITE_NAMES, experiment_and_model, fact_count, fact_line, layer_labels, legend_right
-from .summaries import sublayer_profile
+from .summaries import sublayer_estimate
 
 
 def sublayer_figures(experiment, results, out_dir: Path, max_examples: int = 16) -> list[Path]:
@@ -30,10 +30,14 @@ def sublayer_figures(experiment, results, out_dir: Path, max_examples: int = 16)
             out_dir / f"example-{record.index:04d}-sublayer-knockout",
         ))
     if results.records:
-        mean = sublayer_profile(results)
+        mean = sublayer_estimate(experiment, results)
+        with_intervals = [interval_series(f"{SITE_NAMES[sub]}, {where} positions",
+                                          mean.sel(sublayer=sub, positions=where), scale=100)
+                          for sub in mean.coords["sublayer"] for where in mean.coords["positions"]]
         figures.append((
-            legend_right(line_plot(layer_labels(mean.coords["layer"]), series(mean.values, mean.coords),
-                      title=f"{title}, mean over facts<br><sup>{about} · {fact_count(experiment, results)}</sup>",
+            legend_right(line_plot(layer_labels(mean.coords["layer"]), with_intervals,
+                      title=f"{title}, mean over facts<br><sup>{about} · {fact_count(experiment, results)} · "
+                            f"error bars: {100 * experiment.ci:g}% bootstrap intervals</sup>",
                       x_title="centre of the ablated window (layer)", y_title="mean % change in probability")),
             out_dir / "mean-sublayer-knockout",
         ))
