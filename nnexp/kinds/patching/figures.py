@@ -117,8 +117,8 @@ def patching_figures(experiment, results, out_dir: Path, max_examples: int = 16)
         if "role" in estimate.dims:
             if not estimate.labels("role"):
                 continue  # no example names roles: the per-group figures are all there is
-            about = [f"{run} · mean over all {n} examples by role (IO, S1, S2, END...; other positions left out)",
-                     f"{interval}; a role's n counts the examples that have it"]
+            about = [f"{run} · mean over all {n} examples, by role",
+                     f"{100 * experiment.ci:g}% bootstrap intervals and n in the hover text; x: interval contains 0"]
             figures.append((_site_figure(experiment, estimate.labelled(), site, [], about, estimate),
                             out_dir / f"mean-roles-{site}"))
         else:
