@@ -101,6 +101,14 @@ def test_settings_are_checked_and_labels_kept():
         bootstrap(np.ones((3, 1)), ci=1.5)
     with pytest.raises(ConfigError, match="n_boot is 10"):
         bootstrap(np.ones((3, 1)), n_boot=10)
+    import nnexp
+
+    for kind in nnexp.KINDS.names():  # every experiment has them, checked when it is made
+        cls = nnexp.KINDS.get(kind)
+        with pytest.raises(ConfigError, match=r"ci is 1.5; give the interval's coverage as a share between 0 and 1"):
+            cls.from_params({"ci": "1.5"})
+        with pytest.raises(ConfigError, match="n_boot is 50; give at least 100"):
+            cls.from_params({"n_boot": 50})
     from nnexp.labelled import LabelledTensor
 
     tensor = LabelledTensor(torch.arange(12.0).reshape(4, 3), ("example", "layer"), {"layer": [0, 2, 5]})

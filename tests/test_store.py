@@ -59,6 +59,17 @@ def test_identity_decides_the_folder(tmp_path):
         RunDirectory(tmp_path).open(spec(metric="prob"))
 
 
+def test_interval_settings_summarise_a_run_without_changing_it(tmp_path):
+    """ci and n_boot are not part of the identity; reopening the run with others records
+    them in its spec (for `nnexp plot` and `results.summary()`), under the same run id."""
+    assert run_id(spec(ci=0.95, n_boot=1000)) == run_id(spec(ci=0.9, n_boot=5000)) == run_id(spec())
+    RunDirectory(tmp_path).open(spec(ci=0.95, n_boot=1000))
+    stored = RunDirectory(tmp_path).open(spec(ci=0.9, n_boot=5000))
+    assert stored["experiment"]["params"]["ci"] == 0.9 and stored["experiment"]["params"]["n_boot"] == 5000
+    again = RunDirectory(tmp_path).read_spec()
+    assert again["experiment"]["params"]["ci"] == 0.9 and again["run_id"] == run_id(spec())
+
+
 def test_submitted_jobs_keep_what_decoding_needs(tmp_path):
     directory = RunDirectory(tmp_path)
     directory.open(spec())
