@@ -444,3 +444,13 @@ def test_the_command_line_runs_and_refuses_with_one_line(tmp_path):
                    "nowhere")
     listed = cli("list")
     assert "project_out" in listed.stdout and "interventions" in listed.stdout and "kl " in listed.stdout
+
+
+def test_activation_addition_metric_field_is_checked_like_metrics():
+    from nnexp_experiments.activation_addition import ActivationAddition
+
+    assert ActivationAddition(metric="kl").metrics == ("kl",)  # its reference is the unsteered run
+    with pytest.raises(ConfigError, match="compares each run with a reference run"):
+        ActivationAddition(metric="kl", reference=None)
+    with pytest.raises(ConfigError, match="unknown metric 'nope'"):
+        ActivationAddition(metric="nope")

@@ -86,6 +86,11 @@ class InterventionExperiment(Experiment):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_metrics()
+
+    def check_metrics(self) -> None:
+        """Known metrics, each once, and a reference run for those that compare with one
+        (a subclass that sets `metrics` from fields of its own calls this again)."""
         if not self.metrics:
             raise ConfigError("metrics is empty; name at least one metric (nnexp list shows them)")
         if len(set(self.metrics)) != len(self.metrics):
