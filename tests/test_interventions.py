@@ -454,3 +454,21 @@ def test_activation_addition_metric_field_is_checked_like_metrics():
         ActivationAddition(metric="kl", reference=None)
     with pytest.raises(ConfigError, match="unknown metric 'nope'"):
         ActivationAddition(metric="nope")
+
+
+def test_reads_under_a_memory_budget_split_traces_and_keep_the_numbers(tmp_path):
+    from nnexp.tracing.memory import peak_memory
+
+    model = tiny_model("gpt2")
+    with peak_memory() as whole_peak:
+        whole = _run(EveryEdit(), model, tmp_path / "whole")
+    for fraction in (3, 2, 1.5):
+        budget = int(whole_peak["cpu"] / fraction)
+        try:
+            with recorded_traces(model) as rows, peak_memory() as split_peak:
+                split = _run(EveryEdit(), model, tmp_path / f"split-{fraction}", memory_budget=budget)
+            break
+        except ConfigError as error:
+            assert "is below what" in str(error) or "below" in str(error)
+    assert len(rows) > 1 and split_peak["cpu"] <= budget
+    assert_same_records(whole.records, split.records, exact=False)

@@ -542,9 +542,18 @@ class CompiledInterventions(CompiledExperiment):
             most = max(most, total)
         return most
 
+    def _metric_bytes(self, items: list[_Item]) -> int:
+        """What the metrics hold per row at their peak: the kept logits and, per metric,
+        a few float32 copies of the next-token distribution (softmax, log-softmax, the
+        reference row's), which for a large vocabulary outweigh a small model's pass."""
+        vocab = self.model.hf.get_output_embeddings().weight.shape[0]
+        kept = max(self._offset(len(row.ids), "") for item in items for row in item.rows)
+        return 4 * vocab * (kept + 2 + 3 * len(self.metrics))
+
     def rows_for_budget(self, items: list[_Item], budget: int) -> int:
         tokens = max(len(row.ids) for item in items for row in item.rows)
-        kept = max(self._read_bytes(item) for item in items) + 4 * tokens * self.shape.d_model
+        kept = (max(self._read_bytes(item) for item in items) + 4 * tokens * self.shape.d_model
+                + self._metric_bytes(items))
         minimum = max(item.n_base for item in items) + 1
         return rows_for_budget(self.model, budget, tokens, kept_per_row=kept, minimum=minimum,
                                what=f"this experiment ({minimum - 1} base runs per example and one other run)")
