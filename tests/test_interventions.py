@@ -428,8 +428,9 @@ def test_metrics_at_another_position_match_plain_hooks(gpt2, tmp_path):
         assert record.scalars["clean.logit_diff"] == pytest.approx(ref.logit_diff(clean, a, f), abs=1e-4)
 
 
-def test_the_command_line_runs_and_refuses_with_one_line(tmp_path):
-    from tests.helpers import cli, one_line_error, save_tiny_model
+def test_the_command_line_runs_and_refuses_with_one_line(tmp_path, capsys):
+    from nnexp.cli import main
+    from tests.helpers import cli, save_tiny_model
 
     folder = save_tiny_model("gpt2", tmp_path / "model")
     ok = cli("run", "activation-addition", "--model", folder, "--layers", "0,2", "--set", "coefficients=-2,0,2",
@@ -437,13 +438,16 @@ def test_the_command_line_runs_and_refuses_with_one_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     record = nnexp.load_results(tmp_path / "run")[0]
     assert record["steered.logit_diff"].coords == {"layer": [0, 2], "coefficient": [-2.0, 0.0, 2.0]}
-    one_line_error(cli("run", "activation-addition", "--model", folder, "--set", "coefficients=", "--quiet"),
-                   "coefficients")
-    one_line_error(cli("run", "activation-addition", "--model", folder, "--layers", "5", "--quiet"), "layer 5")
-    one_line_error(cli("run", "activation-addition", "--model", folder, "--set", "site=nowhere", "--quiet"),
-                   "nowhere")
-    listed = cli("list")
-    assert "project_out" in listed.stdout and "interventions" in listed.stdout and "kl " in listed.stdout
+    # the refusals in-process: the same main() the command runs, without starting Python again
+    for options, fragment in ((["--set", "coefficients="], "coefficients"), (["--layers", "5"], "layer 5"),
+                              (["--set", "site=nowhere"], "nowhere")):
+        capsys.readouterr()
+        assert main(["run", "activation-addition", "--model", str(folder), "--quiet", *options]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nnexp: error:")]
+        assert len(errors) == 1 and fragment in errors[0], errors
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "project_out" in listed and "interventions" in listed and "kl " in listed
 
 
 def test_activation_addition_metric_field_is_checked_like_metrics():
