@@ -263,7 +263,9 @@ def test_spec_saves_the_declared_runs_and_resume_continues(tmp_path):
                                            "heads": None, "source": "clean"}
     assert runs["user"]["edits"][0]["edit"] == "test_soft_clamp" and runs["user"]["edits"][0]["params"] == {"scale": 0.5}
     assert runs["added"]["edits"][0]["vector"]["vector"] == "given"  # stored by hash
-    assert runs["grid"]["grid"] == {"layer": [0, 1, 2], "c": [0.0, 3.0]}
+    assert runs["grid"]["grid"] == {"layer": [0, 1, 2], "c": [0.0, 3.0]} and runs["grid"]["n_runs"] == 6
+    assert runs["grid"]["last"]["edits"][0]["layer"] == 2 and runs["grid"]["last"]["edits"][0]["coefficient"] == 3.0
+    assert len((first.path / "spec.json").read_bytes()) < 20_000  # a sweep's runs are hashed, not listed
     # every edit that holds no given vector comes back from its JSON
     for name in ("patched", "interpolated", "zeroed", "mean", "scaled", "blocked", "user"):
         edit = edit_from_json(runs[name]["edits"][0])
