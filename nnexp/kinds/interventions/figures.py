@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import plotly.graph_objects as go
+import torch
 
 from ...plotting import heatmap, line_plot, shorten, write_figures
 from .summaries import mean_over_examples, mean_scalars
@@ -16,6 +17,20 @@ from .summaries import mean_over_examples, mean_scalars
 def _file(name: str) -> str:
     """A tensor's name as part of a file name (no dots: the suffix is the file type)."""
     return name.replace(".", "-")
+
+
+def _measure(name: str) -> str:
+    """What a stored tensor measures, for an axis: "logit_diff", "change in logit_diff"."""
+    parts = name.split(".")
+    return f"change in {parts[1]}" if parts[-1] == "change" else parts[1]
+
+
+def _title(name: str, reference: str | None) -> str:
+    """A figure's title for the tensor `name` ("steered.logit_diff.change")."""
+    parts = name.split(".")
+    if parts[-1] == "change":
+        return f"Runs '{parts[0]}': change in {parts[1]} from the run '{reference}'"
+    return f"Runs '{parts[0]}': {parts[1]}"
 
 
 def _labels(values: list) -> list[str]:
@@ -32,9 +47,13 @@ def _grid_figures(tensor, title: str, value_title: str, path: Path) -> list:
     rows, columns = tensor.dims
     row_labels, column_labels = _labels(tensor.labels(rows)), _labels(tensor.labels(columns))
     series = [{"name": f"{rows} {label}", "values": tensor.values[i].tolist()} for i, label in enumerate(row_labels)]
+    finite = tensor.values[torch.isfinite(tensor.values)]
+    # a signed measure (a change, a logit difference) is centred at 0: white is "no change"
+    signed = bool(finite.numel()) and bool((finite < 0).any()) and bool((finite > 0).any())
     return [
         (heatmap(tensor.values, title=title, x_title=columns, y_title=rows, x_labels=column_labels,
-                 y_labels=row_labels, colorbar_title=value_title, zmid=None), path.with_name(path.name + "-heatmap")),
+                 y_labels=row_labels, colorbar_title=value_title, zmid=0.0 if signed else None),
+         path.with_name(path.name + "-heatmap")),
         (line_plot(column_labels, series, title=title, x_title=columns, y_title=value_title),
          path.with_name(path.name + "-lines")),
     ]
@@ -65,11 +84,13 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
         return []
     grid_names = [name for name in records[0].tensors if name.count(".") in (1, 2)
                   and name.split(".")[1] in experiment.metrics]
+    reference = getattr(experiment, "reference", None)
     for record in records[:max_examples]:
         prompt = shorten(record.info.get("prompt", ""))
         for name in grid_names:
-            figures += _grid_figures(record[name], f"{name}<br><sup>{about} · example {record.index}: {prompt}</sup>",
-                                     name.split(".", 1)[1], out_dir / f"example-{record.index:04d}-{_file(name)}")
+            figures += _grid_figures(record[name], f"{_title(name, reference)}<br><sup>{about} · example "
+                                     f"{record.index}: {prompt}</sup>", _measure(name),
+                                     out_dir / f"example-{record.index:04d}-{_file(name)}")
         for metric in experiment.metrics:
             figures += _runs_bar(record.scalars, metric,
                                  f"{metric} per run<br><sup>{about} · example {record.index}: {prompt}</sup>",
@@ -80,8 +101,8 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
             mean = mean_over_examples(results, name)
         except Exception:  # noqa: BLE001 - examples of different shapes have no mean figure
             continue
-        figures += _grid_figures(mean, f"{name}, mean over {n} examples<br><sup>{about}</sup>",
-                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{_file(name)}")
+        figures += _grid_figures(mean, f"{_title(name, reference)}, mean over {n} examples<br><sup>{about}</sup>",
+                                 f"mean {_measure(name)}", out_dir / f"mean-{_file(name)}")
     scalars = mean_scalars(results)
     for metric in experiment.metrics:
         figures += _runs_bar(scalars, metric, f"{metric} per run, mean over {n} examples<br><sup>{about}</sup>",
