@@ -12,7 +12,10 @@ numbers.
 
 from __future__ import annotations
 
+import html as htmllib
 import json
+import shutil
+import subprocess
 import threading
 from dataclasses import dataclass
 
@@ -382,8 +385,18 @@ def test_activation_addition_figures_have_titles_axes_and_labels(gpt2, tmp_path)
     figures = sorted(p.name for p in (results.path / "figures").glob("*.html"))
     assert {"mean-steered-logit_diff-heatmap.html", "mean-steered-logit_diff-lines.html",
             "example-0000-steered-logit_diff-change-heatmap.html", "mean-runs-logit_diff.html"} <= set(figures)
-    html = (results.path / "figures" / "mean-steered-logit_diff-heatmap.html").read_text()
+    page = results.path / "figures" / "mean-steered-logit_diff-change-heatmap.html"
+    html = page.read_text()
     assert "mean over 2 examples" in html and "activation-addition on tiny-gpt2" in html
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium:  # a real browser draws it (CI installs Chromium)
+        drawn = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+                                "--virtual-time-budget=15000", "--dump-dom", page.as_uri()],
+                               capture_output=True, text=True, timeout=120)
+        dom = htmllib.unescape(drawn.stdout)
+        assert "main-svg" in dom, drawn.stderr[-2000:]
+        assert "change in logit_diff from the run 'base'" in dom and ">coefficient<" in dom and ">layer<" in dom
     from nnexp.kinds.interventions.figures import _grid_figures
 
     (heat, _), (lines, _) = _grid_figures(results[0]["steered.logit_diff"], "t", "logit_diff", tmp_path / "f")
