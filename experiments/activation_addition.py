@@ -66,12 +66,13 @@ class ActivationAddition(InterventionExperiment):
     reference: str | None = "base"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # every field typed first
         if not self.coefficients:
             raise ConfigError("coefficients is empty; give at least one multiple of the steering vector, e.g. 0,4,8")
         if self.metrics not in (("logit_diff",), (self.metric,)):
             raise ConfigError("activation-addition measures one metric: set metric, not metrics")
         self.metrics = (self.metric,)
-        super().__post_init__()
+        self.check_metrics()
 
     def default_examples(self) -> list[InterventionExample]:
         return [InterventionExample(prompt=p, answer=a, foil=f) for p, a, f in PROMPTS]

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import product
@@ -593,5 +594,9 @@ class Grid:
         return tuple(len(v) for v in self.axes.values())
 
     def to_json(self) -> dict:
-        return {"grid": {axis: _json(values) for axis, values in self.axes.items()},
-                "runs": [run.to_json() for run in self.runs]}
+        """Its axes, its first and last runs in full, and a hash of every run: a spec stays
+        small for a sweep of thousands of runs, and any change to one changes the hash."""
+        runs = [run.to_json() for run in self.runs]
+        digest = hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()
+        return {"grid": {axis: _json(values) for axis, values in self.axes.items()}, "n_runs": len(runs),
+                "first": runs[0], "last": runs[-1], "sha256": digest}

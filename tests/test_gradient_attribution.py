@@ -104,7 +104,9 @@ def test_multi_token_targets_subjects_and_bad_parameters(gpt2_tiny):
                         "target_false": " Rome"}, "facts.jsonl:3")
     with pytest.raises(ConfigError, match="choose one of mlp_out, attn_out, resid_pre, resid_post"):
         GradientAttributionExperiment(site="head_out")
-    with pytest.raises(ConfigError, match="unknown metric 'kl'"):
+    with pytest.raises(ConfigError, match="unknown metric 'nope'"):
+        GradientAttributionExperiment(metric="nope")
+    with pytest.raises(ConfigError, match="metric 'kl' needs reference, which a gradient attribution experiment"):
         GradientAttributionExperiment(metric="kl")
     with pytest.raises(ConfigError, match="layer 7 is out of range: the model has 3 layers"):
         GradientAttributionExperiment(layers=(0, 7)).compile(gpt2_tiny)

@@ -12,7 +12,10 @@ numbers.
 
 from __future__ import annotations
 
+import html as htmllib
 import json
+import shutil
+import subprocess
 import threading
 from dataclasses import dataclass
 
@@ -263,7 +266,9 @@ def test_spec_saves_the_declared_runs_and_resume_continues(tmp_path):
                                            "heads": None, "source": "clean"}
     assert runs["user"]["edits"][0]["edit"] == "test_soft_clamp" and runs["user"]["edits"][0]["params"] == {"scale": 0.5}
     assert runs["added"]["edits"][0]["vector"]["vector"] == "given"  # stored by hash
-    assert runs["grid"]["grid"] == {"layer": [0, 1, 2], "c": [0.0, 3.0]}
+    assert runs["grid"]["grid"] == {"layer": [0, 1, 2], "c": [0.0, 3.0]} and runs["grid"]["n_runs"] == 6
+    assert runs["grid"]["last"]["edits"][0]["layer"] == 2 and runs["grid"]["last"]["edits"][0]["coefficient"] == 3.0
+    assert len((first.path / "spec.json").read_bytes()) < 20_000  # a sweep's runs are hashed, not listed
     # every edit that holds no given vector comes back from its JSON
     for name in ("patched", "interpolated", "zeroed", "mean", "scaled", "blocked", "user"):
         edit = edit_from_json(runs[name]["edits"][0])
@@ -380,8 +385,18 @@ def test_activation_addition_figures_have_titles_axes_and_labels(gpt2, tmp_path)
     figures = sorted(p.name for p in (results.path / "figures").glob("*.html"))
     assert {"mean-steered-logit_diff-heatmap.html", "mean-steered-logit_diff-lines.html",
             "example-0000-steered-logit_diff-change-heatmap.html", "mean-runs-logit_diff.html"} <= set(figures)
-    html = (results.path / "figures" / "mean-steered-logit_diff-heatmap.html").read_text()
+    page = results.path / "figures" / "mean-steered-logit_diff-change-heatmap.html"
+    html = page.read_text()
     assert "mean over 2 examples" in html and "activation-addition on tiny-gpt2" in html
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium:  # a real browser draws it (CI installs Chromium)
+        drawn = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+                                "--virtual-time-budget=15000", "--dump-dom", page.as_uri()],
+                               capture_output=True, text=True, timeout=120)
+        dom = htmllib.unescape(drawn.stdout)
+        assert "main-svg" in dom, drawn.stderr[-2000:]
+        assert "change in logit_diff from the run 'base'" in dom and ">coefficient<" in dom and ">layer<" in dom
     from nnexp.kinds.interventions.figures import _grid_figures
 
     (heat, _), (lines, _) = _grid_figures(results[0]["steered.logit_diff"], "t", "logit_diff", tmp_path / "f")
@@ -428,8 +443,9 @@ def test_metrics_at_another_position_match_plain_hooks(gpt2, tmp_path):
         assert record.scalars["clean.logit_diff"] == pytest.approx(ref.logit_diff(clean, a, f), abs=1e-4)
 
 
-def test_the_command_line_runs_and_refuses_with_one_line(tmp_path):
-    from tests.helpers import cli, one_line_error, save_tiny_model
+def test_the_command_line_runs_and_refuses_with_one_line(tmp_path, capsys):
+    from nnexp.cli import main
+    from tests.helpers import cli, save_tiny_model
 
     folder = save_tiny_model("gpt2", tmp_path / "model")
     ok = cli("run", "activation-addition", "--model", folder, "--layers", "0,2", "--set", "coefficients=-2,0,2",
@@ -437,10 +453,41 @@ def test_the_command_line_runs_and_refuses_with_one_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     record = nnexp.load_results(tmp_path / "run")[0]
     assert record["steered.logit_diff"].coords == {"layer": [0, 2], "coefficient": [-2.0, 0.0, 2.0]}
-    one_line_error(cli("run", "activation-addition", "--model", folder, "--set", "coefficients=", "--quiet"),
-                   "coefficients")
-    one_line_error(cli("run", "activation-addition", "--model", folder, "--layers", "5", "--quiet"), "layer 5")
-    one_line_error(cli("run", "activation-addition", "--model", folder, "--set", "site=nowhere", "--quiet"),
-                   "nowhere")
-    listed = cli("list")
-    assert "project_out" in listed.stdout and "interventions" in listed.stdout and "kl " in listed.stdout
+    # the refusals in-process: the same main() the command runs, without starting Python again
+    for options, fragment in ((["--set", "coefficients="], "coefficients"), (["--layers", "5"], "layer 5"),
+                              (["--set", "site=nowhere"], "nowhere")):
+        capsys.readouterr()
+        assert main(["run", "activation-addition", "--model", str(folder), "--quiet", *options]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nnexp: error:")]
+        assert len(errors) == 1 and fragment in errors[0], errors
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "project_out" in listed and "interventions" in listed and "kl " in listed
+
+
+def test_activation_addition_metric_field_is_checked_like_metrics():
+    from nnexp_experiments.activation_addition import ActivationAddition
+
+    assert ActivationAddition(metric="kl").metrics == ("kl",)  # its reference is the unsteered run
+    with pytest.raises(ConfigError, match="compares each run with a reference run"):
+        ActivationAddition(metric="kl", reference=None)
+    with pytest.raises(ConfigError, match="unknown metric 'nope'"):
+        ActivationAddition(metric="nope")
+
+
+def test_reads_under_a_memory_budget_split_traces_and_keep_the_numbers(tmp_path):
+    from nnexp.tracing.memory import peak_memory
+
+    model = tiny_model("gpt2")
+    with peak_memory() as whole_peak:
+        whole = _run(EveryEdit(), model, tmp_path / "whole")
+    for fraction in (3, 2, 1.5):
+        budget = int(whole_peak["cpu"] / fraction)
+        try:
+            with recorded_traces(model) as rows, peak_memory() as split_peak:
+                split = _run(EveryEdit(), model, tmp_path / f"split-{fraction}", memory_budget=budget)
+            break
+        except ConfigError as error:
+            assert "is below what" in str(error) or "below" in str(error)
+    assert len(rows) > 1 and split_peak["cpu"] <= budget
+    assert_same_records(whole.records, split.records, exact=False)

@@ -167,7 +167,9 @@ def _wrong_value(hint):
         return 4.0
     if float in _members(hint):
         return True
-    return [1.5]  # a list of a float: no field takes one
+    if _is_tuple_of_floats(hint):
+        return ["many"]
+    return [1.5]  # a list of a float: no other field takes one
 
 
 def _wrong_text(hint) -> str | None:
@@ -181,7 +183,13 @@ def _wrong_text(hint) -> str | None:
         return "4.0"
     if float in members:
         return "true"
+    if _is_tuple_of_floats(hint):
+        return "many"
     return "[1.5]"
+
+
+def _is_tuple_of_floats(hint) -> bool:
+    return any(typing.get_origin(m) is tuple and typing.get_args(m)[:1] == (float,) for m in _members(hint))
 
 
 @pytest.mark.parametrize("cls, name", _fields(KINDS_AND_EXPERIMENTS))

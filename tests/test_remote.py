@@ -15,8 +15,10 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
+import torch
 
 import nnexp
 from nnexp import console
@@ -75,6 +77,43 @@ def test_every_family_remote_equals_local(name, ndif, tmp_path):
     spec = json.loads((tmp_path / "remote" / "spec.json").read_text())
     assert spec["run"]["backend"] == {"kind": "remote", "host": ndif.url, "model": SERVED}
     assert spec["model"]["source"]["kind"] == "remote"
+
+
+@nnexp.register_edit("test_remote_squash", "scale * tanh(x / scale): a user's edit the server has never seen")
+def remote_squash(x, scale):
+    return scale[:, None] * torch.tanh(x / scale[:, None])
+
+
+@dataclass
+class UserEdits(nnexp.InterventionExperiment):
+    """A user's experiment with a user's edit, a Mean vector, a probe and reference metrics."""
+
+    name = "test-remote-user-edits"
+    metrics: tuple[str, ...] = ("logit_diff", "kl", "top10_overlap")
+    reference: str | None = "clean"
+
+    def default_examples(self):
+        return [nnexp.InterventionExample(prompt=p, answer=a, foil=f) for p, a, f in
+                (("The capital of France is", " Paris", " London"), ("I think dogs are", " great", " bad"))]
+
+    def runs(self, example, model):
+        probe = [1.0] * model.d_model
+        return {
+            "clean": nnexp.Run(reads=(nnexp.Read("probe", "mlp_out", 1, positions="all", direction=probe),)),
+            "edited": nnexp.Grid(lambda layer: nnexp.Run(
+                nnexp.Apply("test_remote_squash", scale=0.5, site="mlp_out", layer=layer),
+                nnexp.Set(nnexp.Mean(), site="attn_out", layer=layer, positions="last")), layer=range(model.n_layers)),
+        }
+
+
+def test_a_users_experiment_and_edit_ship_to_the_server(ndif, tmp_path):
+    """The server has neither nnexp nor this test module: the user's edit function travels
+    by value with the request, and the numbers equal a local run's exactly."""
+    local = nnexp.run(UserEdits(), nnexp.load_model(str(ndif.folder)), out=tmp_path / "local", figures=False)
+    remote = nnexp.run(UserEdits(), remote_model(ndif), out=tmp_path / "remote", figures=False)
+    assert_same_records(list(local), list(remote))
+    assert local[0].scalars == remote[0].scalars
+    assert remote[0]["edited.kl"].values.min() > 0  # the edits did something
 
 
 @pytest.mark.parametrize("name", KINDS)

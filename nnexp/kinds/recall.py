@@ -25,12 +25,11 @@ from ..errors import ConfigError, DataError, ResultsError
 from ..labelled import LabelledTensor
 from ..results import ExampleRecord
 from ..tracing.execute import plan_job
-from ..tracing.memory import row_cost, rows_for_budget
+from ..tracing.memory import DEFAULT_MEMORY_BUDGET, forward_bytes_per_row, row_cost, rows_for_budget
 from ..tracing.runs import Run, build_plan, pack_runs
 from .facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 
 ATTRIBUTES = ("predicted", "true")
-DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of activations per trace when neither max_rows nor a budget is given
 RUN_METRICS = ("prob", "rank")  # of the attribute token, per run: the columns of a runs trace's values
 
 
@@ -189,21 +188,6 @@ class CompiledRunsExperiment(CompiledRecall):
                 variants[ids] = part
             records.append(self.record(item.fact, base_values[item.index], variants))
         return records
-
-
-def forward_bytes_per_row(model, tokens: int) -> int:
-    """For a remote model, whose weights are not here to measure: an upper estimate of
-    the activation bytes one row of a no-grad forward pass holds at its peak: the residual stream and a block's largest intermediates (queries, keys,
-    values, the MLP's hidden layer, the attention scores of every head), plus the
-    last-position logits and their softmax in float32. Weights are not counted."""
-    config = model.hf.config
-    d = model.arch.d_model
-    d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
-    heads = model.arch.n_heads
-    width = torch.finfo(model.hf.dtype).bits // 8 if model.hf.dtype.is_floating_point else 4
-    per_token = 6 * d + 3 * d_ff + 2 * heads * tokens
-    vocab = model.hf.get_output_embeddings().weight.shape[0]
-    return width * tokens * per_token + 3 * 4 * vocab
 
 
 # -- views over a dataset of results (the kinds' summaries build on these) ------------------

@@ -36,6 +36,11 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "m
 # measures; the tests and bench/sweeps.py measure them at a few percent at most.
 MARGIN = 1.10
 
+# Bytes of activations per trace when neither max_rows nor a budget is given, for the
+# kinds whose examples make thousands of runs (causal tracing, a user's grids): enough
+# rows for a fast trace, few enough for any machine that holds the model.
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+
 
 def parse_bytes(text) -> int:
     """'2GB', '512MiB', '1.5gb' or a plain number of bytes -> bytes."""
@@ -243,3 +248,18 @@ def rows_for_budget(model, budget: int, tokens: int, *, grad: bool = False, kept
 def tightest(*limits: int | None) -> int | None:
     """The smallest of the limits that are set (None when none is)."""
     return min((limit for limit in limits if limit is not None), default=None)
+
+
+def forward_bytes_per_row(model, tokens: int) -> int:
+    """For a remote model, whose weights are not here to measure: an upper estimate of
+    the activation bytes one row of a no-grad forward pass holds at its peak: the residual stream and a block's largest intermediates (queries, keys,
+    values, the MLP's hidden layer, the attention scores of every head), plus the
+    last-position logits and their softmax in float32. Weights are not counted."""
+    config = model.hf.config
+    d = model.arch.d_model
+    d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    heads = model.arch.n_heads
+    width = torch.finfo(model.hf.dtype).bits // 8 if model.hf.dtype.is_floating_point else 4
+    per_token = 6 * d + 3 * d_ff + 2 * heads * tokens
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    return width * tokens * per_token + 3 * 4 * vocab

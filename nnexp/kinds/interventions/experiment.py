@@ -44,7 +44,7 @@ from ...metrics import get_metric
 from ...results import ExampleRecord
 from ...sites import SITES, attention_mask_point, check_heads, check_layers, is_per_head, resolve_site
 from ...tracing.execute import plan_job, read_positions, sum_over_tokens
-from ...tracing.memory import rows_for_budget
+from ...tracing.memory import DEFAULT_MEMORY_BUDGET, forward_bytes_per_row, row_cost, rows_for_budget
 from ...tracing.plan import left_pad
 from ...tracing.runs import Run as PlannedRun
 from ...tracing.runs import RunEdit, build_plan, pack_runs
@@ -86,6 +86,11 @@ class InterventionExperiment(Experiment):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_metrics()
+
+    def check_metrics(self) -> None:
+        """Known metrics, each once, and a reference run for those that compare with one
+        (a subclass that sets `metrics` from fields of its own calls this again)."""
         if not self.metrics:
             raise ConfigError("metrics is empty; name at least one metric (nnexp list shows them)")
         if len(set(self.metrics)) != len(self.metrics):
@@ -542,12 +547,38 @@ class CompiledInterventions(CompiledExperiment):
             most = max(most, total)
         return most
 
-    def rows_for_budget(self, items: list[_Item], budget: int) -> int:
+    def _metric_bytes(self, items: list[_Item]) -> int:
+        """What the metrics hold per row at their peak: the kept logits and, per metric,
+        a few float32 copies of the next-token distribution (softmax, log-softmax, the
+        reference row's), which for a large vocabulary outweigh a small model's pass."""
+        vocab = self.model.hf.get_output_embeddings().weight.shape[0]
+        kept = max(self._offset(len(row.ids), "") for item in items for row in item.rows)
+        return 4 * vocab * (kept + 2 + 3 * len(self.metrics))
+
+    def _row_needs(self, items: list[_Item]) -> tuple[int, int, int, str]:
+        """Sizing a trace of `items`: its tokens, the bytes a row holds beyond the plain
+        pass (an edit's values, reads, the metrics' working copies), the fewest rows a
+        trace may hold, and what to call it."""
         tokens = max(len(row.ids) for item in items for row in item.rows)
-        kept = max(self._read_bytes(item) for item in items) + 4 * tokens * self.shape.d_model
+        kept = (max(self._read_bytes(item) for item in items) + 4 * tokens * self.shape.d_model
+                + self._metric_bytes(items))
         minimum = max(item.n_base for item in items) + 1
-        return rows_for_budget(self.model, budget, tokens, kept_per_row=kept, minimum=minimum,
-                               what=f"this experiment ({minimum - 1} base runs per example and one other run)")
+        return tokens, kept, minimum, f"this experiment ({minimum - 1} base runs per example and one other run)"
+
+    def rows_for_budget(self, items: list[_Item], budget: int) -> int:
+        tokens, kept, minimum, what = self._row_needs(items)
+        return rows_for_budget(self.model, budget, tokens, kept_per_row=kept, minimum=minimum, what=what)
+
+    def row_limit(self, items: list[_Item], bound: int | None) -> int | None:
+        """`bound` when the user set one; else the rows that keep a trace under
+        DEFAULT_MEMORY_BUDGET (a grid can make thousands of runs per example: measured
+        here, estimated for a remote model, whose weights are not here to measure)."""
+        if bound is not None:
+            return bound
+        tokens, kept, minimum, what = self._row_needs(items)
+        if self.model.is_remote:
+            return max(minimum, DEFAULT_MEMORY_BUDGET // (forward_bytes_per_row(self.model, tokens) + kept))
+        return row_cost(self.model, tokens).rows(DEFAULT_MEMORY_BUDGET, kept, minimum, what)
 
     def plan(self, items: list[_Item], row_limit: int | None) -> ChunkPlan:
         laid_out = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import plotly.graph_objects as go
+import torch
 
 from ...plotting import heatmap, interval_series, line_plot, shorten, write_figures
 from .summaries import grid_estimate, grid_names, mean_over_examples, mean_scalars, scalar_estimates
@@ -16,6 +17,20 @@ from .summaries import grid_estimate, grid_names, mean_over_examples, mean_scala
 def _file(name: str) -> str:
     """A tensor's name as part of a file name (no dots: the suffix is the file type)."""
     return name.replace(".", "-")
+
+
+def _measure(name: str) -> str:
+    """What a stored tensor measures, for an axis: "logit_diff", "change in logit_diff"."""
+    parts = name.split(".")
+    return f"change in {parts[1]}" if parts[-1] == "change" else parts[1]
+
+
+def _title(name: str, reference: str | None) -> str:
+    """A figure's title for the tensor `name` ("steered.logit_diff.change")."""
+    parts = name.split(".")
+    if parts[-1] == "change":
+        return f"Runs '{parts[0]}': change in {parts[1]} from the run '{reference}'"
+    return f"Runs '{parts[0]}': {parts[1]}"
 
 
 def _labels(values: list) -> list[str]:
@@ -41,9 +56,12 @@ def _grid_figures(tensor, title: str, value_title: str, path: Path, estimate=Non
         series = [interval_series(f"{rows} {label}", estimate.sel(**{rows: value}))
                   for label, value in zip(row_labels, estimate.labels(rows))]
         intervals = {"lower": estimate.lower, "upper": estimate.upper, "n": estimate.n, "ci": estimate.ci}
+    finite = tensor.values[torch.isfinite(tensor.values)]
+    # a signed measure (a change, a logit difference) is centred at 0: white is "no change"
+    signed = bool(finite.numel()) and bool((finite < 0).any()) and bool((finite > 0).any())
     return [
         (heatmap(tensor.values, title=title, x_title=columns, y_title=rows, x_labels=column_labels,
-                 y_labels=row_labels, colorbar_title=value_title, zmid=None, **intervals),
+                 y_labels=row_labels, colorbar_title=value_title, zmid=0.0 if signed else None, **intervals),
          path.with_name(path.name + "-heatmap")),
         (line_plot(column_labels, series, title=title, x_title=columns, y_title=value_title),
          path.with_name(path.name + "-lines")),
@@ -80,11 +98,13 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
     if not records:
         return []
     grids = grid_names(experiment, records)
+    reference = getattr(experiment, "reference", None)
     for record in records[:max_examples]:
         prompt = shorten(record.info.get("prompt", ""))
         for name in grids:
-            figures += _grid_figures(record[name], f"{name}<br><sup>{about} · example {record.index}: {prompt}</sup>",
-                                     name.split(".", 1)[1], out_dir / f"example-{record.index:04d}-{_file(name)}")
+            figures += _grid_figures(record[name], f"{_title(name, reference)}<br><sup>{about} · example "
+                                     f"{record.index}: {prompt}</sup>", _measure(name),
+                                     out_dir / f"example-{record.index:04d}-{_file(name)}")
         for metric in experiment.metrics:
             figures += _runs_bar(record.scalars, metric,
                                  f"{metric} per run<br><sup>{about} · example {record.index}: {prompt}</sup>",
@@ -97,8 +117,9 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
         except Exception:  # noqa: BLE001 - examples of different shapes have no mean figure
             continue
         estimate = grid_estimate(experiment, results, name) if n > 1 else None
-        figures += _grid_figures(mean, f"{name}, mean over {n} examples<br><sup>{about} · {intervals}</sup>",
-                                 f"mean {name.split('.', 1)[1]}", out_dir / f"mean-{_file(name)}", estimate)
+        figures += _grid_figures(mean, f"{_title(name, reference)}, mean over {n} examples<br><sup>{about} · "
+                                 f"{intervals}</sup>", f"mean {_measure(name)}", out_dir / f"mean-{_file(name)}",
+                                 estimate)
     scalars = mean_scalars(results)
     estimates = scalar_estimates(experiment, results) if n > 1 else None
     for metric in experiment.metrics:
