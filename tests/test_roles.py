@@ -151,8 +151,13 @@ def test_role_aligned_average_and_summary_of_mixed_templates():
     assert ((narrow["upper"] - narrow["lower"]) <= (frame["upper"] - frame["lower"]) + 1e-12).all()
 
 
-def test_role_aligned_patching_figures(tmp_path):
+def test_role_aligned_patching_figures(tmp_path, monkeypatch):
+    from nnexp import plotting
     from nnexp.kinds.patching.figures import patching_figures
+
+    # HTML only: rendering PNGs starts a browser, which the fast tier does not
+    monkeypatch.setitem(plotting._png_state, "checked", True)
+    monkeypatch.setitem(plotting._png_state, "available", False)
 
     results = _patching_results(make_gpt2_tokenizer())
     experiment = results.experiment()
