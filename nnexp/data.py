@@ -79,13 +79,15 @@ def example_location(example, index: int) -> str:
     return getattr(example, "source", None) or f"example {index}"
 
 
-def record_json(example, fields: tuple[str, ...]) -> dict:
-    """An example (pair or prompt) as its JSON record: `fields`, then group, roles, meta."""
+def record_json(example, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    """An example (pair, prompt, intervention example) as its JSON record: `fields`, then
+    those of `optional` that are set (not None, not empty), then group and roles when set,
+    then meta. Tuples become lists and dicts copies, so the record is plain JSON data."""
     record = {name: getattr(example, name) for name in fields}
-    if example.group is not None:
-        record["group"] = example.group
-    if example.roles:
-        record["roles"] = dict(example.roles)
+    for name in optional + ("group", "roles"):
+        value = getattr(example, name)
+        if value is not None and (not isinstance(value, (tuple, list, dict)) or value):
+            record[name] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, tuple) else value
     record.update(example.meta)
     return record
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...data import group_and_roles, load_examples
+from ...data import group_and_roles, load_examples, record_json
 from ...errors import DataError
 
 NAMED = ("prompt", "answer", "foil", "answers", "prompts", "corrupted", "clean", "group", "roles")
@@ -38,20 +38,7 @@ class InterventionExample:
         return {"prompt": self.prompt, "clean": self.prompt, **self.prompts}
 
     def to_json(self) -> dict:
-        record: dict = {"prompt": self.prompt}
-        for name in ("answer", "foil"):
-            if getattr(self, name) is not None:
-                record[name] = getattr(self, name)
-        if self.answers:
-            record["answers"] = list(self.answers)
-        if self.prompts:
-            record["prompts"] = dict(self.prompts)
-        if self.group is not None:
-            record["group"] = self.group
-        if self.roles:
-            record["roles"] = dict(self.roles)
-        record.update(self.meta)
-        return record
+        return record_json(self, ("prompt",), optional=("answer", "foil", "answers", "prompts"))
 
     @classmethod
     def from_json(cls, record, where: str) -> InterventionExample:
