@@ -211,6 +211,8 @@ class Edit:
 
     name: ClassVar[str] = ""
     needs_source: ClassVar[bool] = False
+    # what the trace applies to the selected vectors, fn(x, **parameters); None: a copy (Patch)
+    fn: ClassVar[Callable | None] = None
 
     site: str
     layer: int | tuple[int, ...]
@@ -222,6 +224,13 @@ class Edit:
         if self.heads is not None:
             object.__setattr__(self, "heads", _ints(self.heads, "heads"))
         object.__setattr__(self, "positions", _positions(self.positions))
+        for f in self._own_fields():  # a vector field takes a Vector, or a list or tensor of its values
+            if f.type in ("Vector", Vector):
+                object.__setattr__(self, f.name, _vector(getattr(self, f.name)))
+
+    def _own_fields(self) -> list:
+        """The edit's own fields: not where it applies, not the run it reads (`source`)."""
+        return [f for f in dataclasses.fields(self) if f.name not in _PLACE + ("source",)]
 
     def to_json(self) -> dict:
         return {"edit": self.name, **{f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)}}
@@ -230,13 +239,19 @@ class Edit:
         """The vectors this edit uses (resolved before the sweep runs)."""
         return [v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if isinstance(v, Vector)]
 
-    # how the trace applies it: a function of the selected vectors (and its parameters)
     def function(self) -> Callable:
-        raise NotImplementedError
+        """How the trace applies it: a function of the selected vectors and its parameters."""
+        return type(self).fn
 
     def parameters(self, vectors: dict[str, torch.Tensor]) -> dict:
-        """The function's parameters, with this edit's vectors resolved (`vectors`: field -> tensor)."""
-        return {}
+        """The function's parameters: the edit's own fields, numbers as floats and vectors
+        resolved (`vectors`: field -> tensor)."""
+        return {f.name: vectors[f.name] if f.name in vectors else float(getattr(self, f.name))
+                for f in self._own_fields()}
+
+
+# the fields that say where an edit applies
+_PLACE = ("site", "layer", "positions", "heads")
 
 
 def _ints(value, what: str) -> int | tuple[int, ...]:
@@ -318,14 +333,9 @@ class Interpolate(Edit):
 
     name: ClassVar[str] = "interpolate"
     needs_source: ClassVar[bool] = True
+    fn: ClassVar[Callable] = interpolate
     source: str
     alpha: float
-
-    def function(self):
-        return interpolate
-
-    def parameters(self, vectors):
-        return {"alpha": float(self.alpha)}
 
 
 @_register
@@ -334,18 +344,9 @@ class Add(Edit):
     """Add coefficient * vector (steering, noise)."""
 
     name: ClassVar[str] = "add"
+    fn: ClassVar[Callable] = add_vector
     vector: Vector
     coefficient: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "vector", _vector(self.vector))
-
-    def function(self):
-        return add_vector
-
-    def parameters(self, vectors):
-        return {"vector": vectors["vector"], "coefficient": float(self.coefficient)}
 
 
 @_register
@@ -354,17 +355,8 @@ class Set(Edit):
     """Overwrite with a vector: Zero() (zero ablation), Mean() (mean ablation), or a given one."""
 
     name: ClassVar[str] = "set"
+    fn: ClassVar[Callable] = set_vector
     vector: Vector
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "vector", _vector(self.vector))
-
-    def function(self):
-        return set_vector
-
-    def parameters(self, vectors):
-        return {"vector": vectors["vector"]}
 
 
 @_register
@@ -373,13 +365,8 @@ class Scale(Edit):
     """Multiply by a factor (0 is zero ablation)."""
 
     name: ClassVar[str] = "scale"
+    fn: ClassVar[Callable] = scale
     factor: float
-
-    def function(self):
-        return scale
-
-    def parameters(self, vectors):
-        return {"factor": float(self.factor)}
 
 
 @_register
@@ -388,17 +375,8 @@ class ProjectOut(Edit):
     """Remove the component along a direction: x - (x . u) u with u the unit direction."""
 
     name: ClassVar[str] = "project_out"
+    fn: ClassVar[Callable] = project_out
     direction: Vector
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "direction", _vector(self.direction))
-
-    def function(self):
-        return project_out
-
-    def parameters(self, vectors):
-        return {"direction": vectors["direction"]}
 
 
 @_register
