@@ -3,9 +3,9 @@
 from ...registry import KINDS
 from .examples import InterventionExample, load_intervention_examples
 from .experiment import InterventionExperiment, ModelShape
-from .summaries import mean_over_examples, mean_scalars
+from .summaries import grid_estimate, scalar_estimates
 
 KINDS.register("interventions", InterventionExperiment)
 
 __all__ = ["InterventionExample", "InterventionExperiment", "ModelShape", "load_intervention_examples",
-           "mean_over_examples", "mean_scalars"]
+           "grid_estimate", "scalar_estimates"]

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import torch
 
 from ...plotting import heatmap, interval_series, line_plot, shorten, write_figures
-from .summaries import grid_estimate, grid_names, mean_over_examples, mean_scalars, scalar_estimates
+from .summaries import grid_estimate, grid_names, scalar_estimates, stackable
 
 
 def _file(name: str) -> str:
@@ -111,18 +111,18 @@ def intervention_figures(experiment, results, out_dir: Path, max_examples: int =
                                  out_dir / f"example-{record.index:04d}-runs-{metric}")
     n = len(records)
     intervals = f"error bars: {100 * experiment.ci:g}% bootstrap intervals over examples" if n > 1 else ""
+    # one bootstrap per grid and scalar gives both the mean drawn and its interval (shown
+    # from two examples on)
     for name in grids:
-        try:
-            mean = mean_over_examples(results, name)
-        except Exception:  # noqa: BLE001 - examples of different shapes have no mean figure
-            continue
-        estimate = grid_estimate(experiment, results, name) if n > 1 else None
-        figures += _grid_figures(mean, f"{_title(name, reference)}, mean over {n} examples<br><sup>{about} · "
-                                 f"{intervals}</sup>", f"mean {_measure(name)}", out_dir / f"mean-{_file(name)}",
-                                 estimate)
-    scalars = mean_scalars(results)
-    estimates = scalar_estimates(experiment, results) if n > 1 else None
+        if not stackable(records, name):
+            continue  # examples of different shapes have no mean figure
+        estimate = grid_estimate(experiment, results, name)
+        figures += _grid_figures(estimate.labelled("mean"), f"{_title(name, reference)}, mean over {n} examples"
+                                 f"<br><sup>{about} · {intervals}</sup>", f"mean {_measure(name)}",
+                                 out_dir / f"mean-{_file(name)}", estimate if n > 1 else None)
+    estimates = scalar_estimates(experiment, results)
+    scalars = {name: float(estimate.mean) for name, estimate in estimates.items()}
     for metric in experiment.metrics:
         figures += _runs_bar(scalars, metric, f"{metric} per run, mean over {n} examples<br><sup>{about} · "
-                             f"{intervals}</sup>", out_dir / f"mean-runs-{metric}", estimates)
+                             f"{intervals}</sup>", out_dir / f"mean-runs-{metric}", estimates if n > 1 else None)
     return write_figures(figures)

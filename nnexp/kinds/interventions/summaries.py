@@ -1,43 +1,24 @@
-"""Dataset views of an intervention experiment: each measured tensor and scalar averaged
-over examples."""
+"""Dataset views of an intervention experiment: each measured grid and scalar averaged
+over examples, with its bootstrap interval."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ...errors import DataError
-from ...labelled import LabelledTensor
 from ...statistics import Estimate, bootstrap, estimate_of, settings
 
 KIND = "interventions"
 
 
-def mean_over_examples(results, name: str) -> LabelledTensor:
-    """The mean over examples of the tensor `name` (e.g. "steered.logit_diff"), with its
-    axes; every example's tensor must have the same shape (grids do)."""
-    records = list(results)
-    if not records:
-        raise DataError(f"{getattr(results, 'path', 'the results')} hold no examples")
-    first = records[0][name]
-    shapes = {tuple(record[name].values.shape) for record in records}
-    if len(shapes) > 1:
-        raise DataError(f"{name!r} has different shapes across examples ({sorted(shapes)}); average examples "
-                        "with the same shape (e.g. reads over positions of prompts of one length)")
-    return LabelledTensor(torch.stack([record[name].values for record in records]).float().mean(0), first.dims,
-                          first.coords)
-
-
-def mean_scalars(results) -> dict[str, float]:
-    """The mean over examples of every scalar (e.g. "clean.logit_diff")."""
-    records = list(results)
-    names = sorted({name for record in records for name in record.scalars})
-    return {name: float(torch.tensor([r.scalars[name] for r in records if name in r.scalars]).mean())
-            for name in names}
+def stackable(records, name: str) -> bool:
+    """Whether every record holds the tensor `name` in one shape, so that its examples
+    average (a metric grid does; reads over prompts of different lengths do not)."""
+    return all(name in r.tensors for r in records) and len({tuple(r[name].values.shape) for r in records}) == 1
 
 
 def grid_estimate(experiment, results, name: str) -> Estimate:
-    """`mean_over_examples` with bootstrap intervals over examples."""
+    """The mean over examples of the tensor `name` (e.g. "steered.logit_diff"), with its
+    bootstrap interval, per cell (`stackable` records)."""
     return estimate_of(list(results), name, experiment)
 
 
@@ -63,6 +44,6 @@ def summary_rows(experiment, results) -> list[dict]:
         rows += estimate.rows(KIND, name)
     records = list(results)
     for name in grid_names(experiment, records):
-        if all(name in r.tensors for r in records) and len({tuple(r[name].values.shape) for r in records}) == 1:
+        if stackable(records, name):
             rows += grid_estimate(experiment, results, name).rows(KIND, name)
     return rows
