@@ -44,6 +44,7 @@ from ...metrics import get_metric
 from ...results import ExampleRecord
 from ...sites import SITES, attention_mask_point, check_heads, check_layers, is_per_head, resolve_site
 from ...tracing.execute import plan_job, read_positions, sum_over_tokens
+from ...tracing.jobs import function_modules
 from ...tracing.memory import DEFAULT_MEMORY_BUDGET, forward_bytes_per_row, row_cost, rows_for_budget
 from ...tracing.plan import left_pad
 from ...tracing.runs import Run as PlannedRun
@@ -169,6 +170,7 @@ class CompiledInterventions(CompiledExperiment):
                 raise ConfigError(f"prompt {name!r} of prompts() must be a non-empty string, got {text!r}")
         self.vectors: dict[tuple, torch.Tensor] = {}  # resolved Mean and Activation vectors (fit)
         self._points: dict[tuple[str, int], object] = {}
+        self._shippable: set[str] = set()  # user edits already checked to pickle by value
         self.declared_json: dict | None = None
 
     # -- widths and places ------------------------------------------------------------------
@@ -346,16 +348,16 @@ class CompiledInterventions(CompiledExperiment):
 
     def _check_shippable(self, name: str, fn) -> None:
         """A user's edit function must pickle by value to travel to a server: refuse one
-        that cannot, before anything runs, rather than when the request is sent."""
-        import sys
-
+        that cannot, before anything runs, rather than when the request is sent. Each
+        function is checked once, however many runs use it."""
+        if name in self._shippable:
+            return
         import cloudpickle
         from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
 
-        module = getattr(fn, "__module__", None) or "__main__"
-        added = module not in _PICKLE_BY_VALUE_MODULES and module.partition(".")[0] not in sys.stdlib_module_names
-        if added:
-            _PICKLE_BY_VALUE_MODULES.add(module)
+        # by value, as the executor will ship it (nnexp.tracing.jobs.register_for_shipping)
+        added = function_modules(fn) - _PICKLE_BY_VALUE_MODULES
+        _PICKLE_BY_VALUE_MODULES.update(added)
         try:
             cloudpickle.dumps(fn)
         except Exception as error:  # noqa: BLE001 - any failure means it cannot be shipped
@@ -363,8 +365,8 @@ class CompiledInterventions(CompiledExperiment):
             raise ConfigError(f"edit {name!r} cannot be shipped to a remote server ({reason}); a user's edit must "
                               "be a plain function of tensors that refers only to picklable values") from None
         finally:
-            if added:
-                _PICKLE_BY_VALUE_MODULES.discard(module)
+            _PICKLE_BY_VALUE_MODULES.difference_update(added)
+        self._shippable.add(name)
 
     def _check_vector(self, vector: Vector, site: str, per_head: bool, prompts: dict, what: str) -> None:
         for _, basic in vector.terms():
