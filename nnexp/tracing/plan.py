@@ -63,17 +63,8 @@ class CopyRows:
     heads: torch.Tensor | None = None
 
     def apply(self, x: torch.Tensor, point: HookPoint) -> None:
-        if self.heads is None:
-            x[self.target_rows, self.positions] = x[self.source_rows, self.positions]
-            return
-        # Head h of a "concat" layout owns columns h*d:(h+1)*d. Index columns rather
-        # than viewing [.., heads, d], which needs a contiguous tensor.
-        head_dim = x.shape[-1] // point.n_heads
-        columns = self.heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=x.device)
-        rows_t = self.target_rows.unsqueeze(1)
-        rows_s = self.source_rows.unsqueeze(1)
-        positions = self.positions.unsqueeze(1)
-        x[rows_t, positions, columns] = x[rows_s, positions, columns]
+        x[_selection(x, point, self.target_rows, self.positions, self.heads)] = \
+            x[_selection(x, point, self.source_rows, self.positions, self.heads)]
 
     @classmethod
     def from_entries(cls, entries: dict) -> CopyRows:
@@ -133,7 +124,9 @@ class SetRows:
 def _selection(x: torch.Tensor, point: HookPoint, rows: torch.Tensor, positions: torch.Tensor,
                heads: torch.Tensor | None) -> tuple:
     """The advanced index of entries (rows[i], positions[i]) of `x`, restricted to head
-    heads[i]'s columns when `heads` is given: x[index] is [entries, features]."""
+    heads[i]'s columns when `heads` is given: x[index] is [entries, features]. Head h of
+    a "concat" layout owns columns h*d:(h+1)*d; columns are indexed rather than viewing
+    [..., heads, d], which needs a contiguous tensor."""
     if heads is None:
         return rows, positions
     head_dim = x.shape[-1] // point.n_heads
