@@ -10,6 +10,7 @@
 
 __version__ = "0.1.0"
 
+from .compare import Comparison, compare
 from .contract import ChunkPlan, CompiledExperiment
 from .data import PromptPair, load_prompt_pairs
 from .errors import ConfigError, DataError, ModelError, NnexpError, ResultsError
@@ -27,6 +28,7 @@ from .metrics import METRICS, register_metric
 from .models import ALIASES, ArchSpec, Model, load_model, register_architecture, wrap_model
 from .registry import EXPERIMENTS, KINDS, include
 from .results import ExampleRecord, Results
+from .report import write_report
 from .runner import run
 from .sites import SITES, register_site
 from .store import load_results
@@ -44,6 +46,8 @@ __all__ = [
     "Block",
     "CausalTracingExperiment",
     "ChunkPlan",
+    "compare",
+    "Comparison",
     "CompiledExperiment",
     "ConfigError",
     "DataError",
@@ -89,5 +93,6 @@ __all__ = [
     "SITES",
     "SublayerKnockoutExperiment",
     "wrap_model",
+    "write_report",
     "Zero",
 ]

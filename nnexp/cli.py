@@ -8,6 +8,8 @@
     nnexp run ioi-patching --model gpt2-folder --checkpoint checkpoint_step.pth
     nnexp run ioi-patching --backend remote [--remote-host URL] [--no-wait]
     nnexp fetch results/ioi-patching/HuggingFaceTB--SmolLM2-135M-Instruct/run-...
+    nnexp report results/ioi-patching/smollm2-135m/run-1a2b3c4d5e [-o report.html]
+    nnexp compare results/ioi-patching/smollm2-135m/run-... results/ioi-patching/gemma3-270m/run-... [-o compare.html]
 
 Errors caused by input (a bad data file, an unknown site...) print one line and exit
 with status 2; an interrupted run exits with 130 and keeps what it finished.
@@ -157,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="draw from the examples there are when some of the run's are missing or damaged")
     plot.add_argument("--quiet", action="store_true")
     _add_include(plot)
+
+    report = sub.add_parser("report", help="write a run's report: one self-contained HTML page")
+    report.add_argument("directory")
+    report.add_argument("-o", "--output", default=None, metavar="FILE",
+                        help="where to write it (default: report.html in the run directory)")
+    report.add_argument("--allow-missing", dest="allow_missing", action="store_true",
+                        help="report the examples there are when some of the run's are missing or damaged")
+    report.add_argument("--quiet", action="store_true")
+    _add_include(report)
+
+    compare = sub.add_parser("compare", help="one experiment across models: align runs by relative depth and role")
+    compare.add_argument("directories", nargs="+", metavar="DIR")
+    compare.add_argument("-o", "--output", default=None, metavar="FILE",
+                         help="write the figures and the peak table as one HTML page")
+    compare.add_argument("--by-role", dest="by_role", action="store_true",
+                         help="the peak of every role, not only each measure's largest")
+    compare.add_argument("--quiet", action="store_true")
+    _add_include(compare)
     return parser
 
 
@@ -291,7 +311,7 @@ def cmd_fetch(args) -> None:
 
 def cmd_plot(args) -> None:
     from .experiment import experiment_from_spec
-    from .runner import draw_figures, write_summary
+    from .runner import draw_figures, write_run_report, write_summary
     from .store import RunDirectory, describe_indices, load_results
 
     results = load_results(args.directory, allow_missing=args.allow_missing)
@@ -300,9 +320,34 @@ def cmd_plot(args) -> None:
                      f"({describe_indices(results.missing)})")
     experiment = experiment_from_spec(results.spec["experiment"])
     directory = RunDirectory(results.path)
-    written = draw_figures(experiment, results, directory)
+    drawn: dict = {}
+    written = draw_figures(experiment, results, directory, drawn)
     console.note(f"wrote {len(written)} figure files to {results.path / 'figures'}")
-    write_summary(experiment, results, directory)
+    rows = write_summary(experiment, results, directory)
+    write_run_report(experiment, results, directory, rows, drawn)
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+    from .store import describe_indices, load_results
+
+    results = load_results(args.directory, allow_missing=args.allow_missing)
+    if results.missing:
+        console.note(f"reporting the {len(results)} examples there are; {len(results.missing)} of the run's are "
+                     f"missing ({describe_indices(results.missing)})")
+    path = Path(args.output) if args.output else None
+    if path is not None and path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the report's file name, e.g. -o {path / 'report.html'}")
+    print(write_report(results, path))
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare
+
+    comparison = compare(*args.directories)
+    print(comparison.peaks_text(by_role=args.by_role))
+    if args.output:
+        console.note(f"wrote {comparison.write_html(args.output)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_fetch(args)
         elif args.command == "plot":
             cmd_plot(args)
+        elif args.command == "report":
+            cmd_report(args)
+        elif args.command == "compare":
+            cmd_compare(args)
     except NnexpError as error:
         print(f"nnexp: error: {error}", file=sys.stderr)
         return 2

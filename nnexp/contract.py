@@ -119,6 +119,11 @@ class CompiledExperiment(ABC):
         is how many examples one preparatory pass may hold."""
         return items
 
+    def skip_reason(self, item) -> str:
+        """Why `select` left `item` out, in a few words (recorded in skipped.json and shown
+        in the run's report)."""
+        return "not selected by the experiment"
+
     def rows_for_budget(self, items: list, budget: int) -> int:
         """How many rows one trace may hold so that its activations (and what decoding
         computes from them) peak under `budget` bytes on every device."""

@@ -71,3 +71,51 @@ class LabelledTensor:
     def __repr__(self) -> str:
         axes = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.values.shape))
         return f"LabelledTensor({axes})"
+
+    # -- other libraries and notebooks ------------------------------------------------
+
+    def to_pandas(self, name: str = "value"):
+        """A pandas Series indexed by every axis's labels (a MultiIndex for two or more
+        axes; `.unstack()` makes a table of a 2-d one)."""
+        import pandas as pd
+
+        values = self.values.detach().cpu().double().numpy()
+        if not self.dims:
+            return pd.Series([values.item()], name=name)
+        index = pd.MultiIndex.from_product([self.labels(d) for d in self.dims], names=list(self.dims))
+        series = pd.Series(values.reshape(-1), index=index, name=name)
+        return series if len(self.dims) > 1 else series.set_axis(pd.Index(self.labels(self.dims[0]), name=self.dims[0]))
+
+    def to_xarray(self, name: str = "value"):
+        """An xarray DataArray with the same axes and labels (needs `pip install xarray`)."""
+        try:
+            import xarray
+        except ImportError:
+            from .errors import ConfigError
+
+            raise ConfigError("to_xarray needs the xarray package: pip install xarray (or use to_pandas())") from None
+        return xarray.DataArray(self.values.detach().cpu().numpy(), dims=self.dims,
+                                coords={d: self.labels(d) for d in self.dims}, name=name)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the axes, and the values as a table when they are small."""
+        from html import escape
+
+        axes = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.values.shape))
+        head = f"<p><b>LabelledTensor</b>({escape(axes)})</p>"
+        if self.values.numel() > 2000 or len(self.dims) > 2:
+            return head + "<p>" + escape(", ".join(f"{d}: {_labels_text(self.labels(d))}" for d in self.dims)) + "</p>"
+        import pandas as pd
+
+        values = self.values.detach().cpu().double().numpy()
+        if len(self.dims) == 2:  # rows and columns in label order (unstack would sort them)
+            table = pd.DataFrame(values, index=pd.Index(self.labels(self.dims[0]), name=self.dims[0]),
+                                 columns=pd.Index(self.labels(self.dims[1]), name=self.dims[1]))
+        else:
+            table = self.to_pandas().to_frame()
+        return head + table.to_html(float_format=lambda v: f"{v:.4g}", max_rows=40, max_cols=40)
+
+
+def _labels_text(labels: list, shown: int = 6) -> str:
+    text = ", ".join(map(str, labels[:shown]))
+    return f"[{text}{', ...' if len(labels) > shown else ''}] ({len(labels)})"

@@ -18,6 +18,8 @@ their roles, and with "*" otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -25,6 +27,22 @@ import plotly.graph_objects as go
 from .console import note
 
 _png_state = {"checked": False, "available": False}
+# While set (`capturing`), `write_figures` collects the figures instead of writing them:
+# how the report, the notebook helpers and the runner get every kind's figures as
+# objects, each kind drawing them with the code that writes its figure files.
+_captured: contextvars.ContextVar[list | None] = contextvars.ContextVar("nnexp_captured_figures", default=None)
+
+
+@contextlib.contextmanager
+def capturing():
+    """Collect the (figure, path) pairs `write_figures` is given inside the block, in a
+    list, instead of writing files."""
+    collected: list = []
+    token = _captured.set(collected)
+    try:
+        yield collected
+    finally:
+        _captured.reset(token)
 
 
 def token_label(token: str) -> str:
@@ -197,7 +215,12 @@ def png_available() -> bool:
 
 
 def write_figures(figures: list[tuple[go.Figure, Path]], png: bool | None = None) -> list[Path]:
-    """Write each figure to `<path>.html`, and `<path>.png` when a renderer is available."""
+    """Write each figure to `<path>.html`, and `<path>.png` when a renderer is available
+    (inside `capturing()`, collect them instead and write nothing)."""
+    collected = _captured.get()
+    if collected is not None:
+        collected.extend(figures)
+        return []
     written = []
     for fig, path in figures:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,39 @@ class ExampleRecord:
         group = self.info.get("group") or "all"
         return f"{group} ({len(self.tokens)} tokens)" if self.tokens else group
 
+    def figures(self) -> dict:
+        """This example's figures by name (usually the site: "resid_post"), drawn by its
+        experiment kind as for the run's figure files; the example must come from loaded
+        results (`nnexp.load_results`, `nnexp.run`)."""
+        from .figure_set import example_figures
+
+        run = getattr(self, "_run", None)
+        if run is None:
+            raise ResultsError(f"example {self.index} is not part of loaded results, so its experiment is unknown; "
+                               "take it from nnexp.load_results(DIR)")
+        return example_figures(run.experiment(), run, [self])[self.index]
+
+    def figure(self, site: str):
+        """This example's figure of `site` (a plotly Figure, shown inline in a notebook)."""
+        figures = self.figures()
+        for name in (site, site.replace("_", "-")):
+            if name in figures:
+                return figures[name]
+        raise KeyError(f"example {self.index} has no figure {site!r}; it has {sorted(figures)}")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the prompt(s), tokens, scalars and tensors."""
+        from html import escape
+
+        rows = [(key, self.info[key]) for key in ("clean", "corrupted", "prompt", "answer", "foil", "group")
+                if self.info.get(key) is not None]
+        rows.append(("tokens", " | ".join(self.tokens)))
+        rows += [(name, f"{value:.4g}" if isinstance(value, float) else value) for name, value in self.scalars.items()]
+        rows += [(name, repr(tensor)) for name, tensor in sorted(self.tensors.items())]
+        body = "".join(f"<tr><th style='text-align:left'>{escape(str(k))}</th><td style='text-align:left'>"
+                       f"{escape(str(v))}</td></tr>" for k, v in rows)
+        return f"<p><b>ExampleRecord</b> {self.index}</p><table>{body}</table>"
+
 
 class Results:
     """Everything stored for one run: its spec and one record per finished example.
@@ -55,6 +88,10 @@ class Results:
         self.spec = spec
         self.records = sorted(records, key=lambda r: r.index)
         self.missing: list[int] = sorted(missing)
+        self._figures: dict | None = None
+        for record in self.records:  # what `record.figure()` draws with (the first Results it was loaded into)
+            if getattr(record, "_run", None) is None:
+                record._run = self
 
     def __len__(self) -> int:
         return len(self.records)
@@ -114,6 +151,45 @@ class Results:
         experiment = experiment_from_spec(self.spec["experiment"])
         given = {k: v for k, v in statistics.items() if v is not None}
         return dataclasses.replace(experiment, **given) if given else experiment
+
+    def figures(self) -> dict:
+        """Every figure of the run by name ("mean-roles-resid_post", "example-0000-resid_post"),
+        as plotly Figures, drawn by the experiment kind as for the run's figure files."""
+        from .figure_set import run_figures
+
+        if self._figures is None:
+            self._figures = run_figures(self.experiment(), self)
+        return self._figures
+
+    def figure(self, name: str):
+        """The run's figure `name` (a plotly Figure, shown inline in a notebook); the names
+        are those of the figure files, without ".html": `list(results.figures())`."""
+        figures = self.figures()
+        if name not in figures:
+            raise KeyError(f"no figure {name!r}; the run has {sorted(figures)}")
+        return figures[name]
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: what was run on what, the examples, the largest effects."""
+        from html import escape
+
+        from .errors import NnexpError
+        from .statistics import top_findings
+
+        experiment = self.spec.get("experiment", {})
+        model = self.spec.get("model", {})
+        rows = [("experiment", experiment.get("name") or experiment.get("class")), ("model", model.get("name")),
+                ("examples", len(self) if not self.missing else f"{len(self)} ({len(self.missing)} missing)"),
+                ("tensors", ", ".join(self.names)), ("path", str(self.path))]
+        try:
+            findings = top_findings(self.experiment().summary_rows(self)) if self.records else []
+        except NnexpError:
+            findings = []
+        body = "".join(f"<tr><th style='text-align:left'>{escape(str(k))}</th><td style='text-align:left'>"
+                       f"{escape(str(v))}</td></tr>" for k, v in rows)
+        found = "".join(f"<li>{escape(line)}</li>" for line in findings)
+        return (f"<p><b>Results</b></p><table>{body}</table>" + (f"<ul>{found}</ul>" if found else "")
+                + "<p>results.summary(): every mean with its interval; results.figure(name): a figure</p>")
 
     def summary(self, ci: float | None = None, n_boot: int | None = None):
         """Every dataset-level mean of the run with its bootstrap interval, as a tidy

@@ -295,17 +295,20 @@ def run(
     if limit is not None and limit < 1:
         raise ConfigError(f"limit is {limit}; give a positive number of examples")
     remote = dict(remote or {})
+    started = time.monotonic()
     # Refused now rather than after loading the model and computing the first chunk.
     check_writable(out if out is not None else DEFAULT_RESULTS_ROOT / (experiment.name or ""))
     if checkpoint is not None and not isinstance(model, str):
         raise ConfigError("checkpoint= applies when model is a name; for a loaded model, pass it to "
                           "load_model(name, checkpoint=...)")
-    if isinstance(model, str):
+    given_loaded = not isinstance(model, str)
+    if not given_loaded:
         backend = backend or "local"
         model = load_model(model, device=device, dtype=dtype, load_in_8bit=load_in_8bit, backend=backend,
                            remote_model=remote_model, checkpoint=checkpoint,
                            **(remote if backend == "remote" else {}))
-    elif backend is not None:
+    loaded = time.monotonic()
+    if given_loaded and backend is not None:
         if backend == "remote" and model.remote_id is None:
             # a model loaded here, run on a server that serves the same weights (tests do this)
             if remote_model is None:
@@ -355,7 +358,8 @@ def run(
     # e.g. keep only the facts the model predicts (gradient attribution's only_correct)
     selected = compiled.select(candidates, examples_per_trace) if candidates else []
     items = {item.index: item for item in selected}
-    directory.add_skipped({item.index for item in candidates if item.index < wanted} - set(items))
+    left_out = {item.index: item for item in candidates if item.index < wanted and item.index not in items}
+    directory.add_skipped(set(left_out), {index: compiled.skip_reason(item) for index, item in left_out.items()})
     stored = sum(1 for index in done if index < wanted)
     beyond = f"; the run is limited to its first {wanted} of {total} examples (--limit)" if wanted < total else ""
     if done:
@@ -370,6 +374,7 @@ def run(
     bar = progress(total=stored + len(rest) + len(in_jobs - done), initial=stored, desc=experiment.name or "run")
     interrupts = InterruptGuard()
     chunks = Chunks(compiled, directory, executor, bound, bar, interrupts)
+    computing = time.monotonic()
     if submitting:
         executor.bytes_received = 0  # count what the examples' own requests bring back
     try:
@@ -406,6 +411,7 @@ def run(
             note(f"received {executor.bytes_received:,} bytes from {executor.host} for {chunks.received} examples "
                  f"({executor.bytes_received // chunks.received:,} per example; {stats['bytes_per_example']:,} over the run)")
 
+    computed = time.monotonic()
     results = load_results(directory.path, allow_missing=True)
     directory.write_index(results.records)
     waiting = chunks.submitted + chunks.still_running
@@ -415,12 +421,35 @@ def run(
     stored_now = {record.index for record in results.records}
     if any(index not in stored_now for index in items if index < wanted) and not collect_only:
         return results
+    drawn: dict | None = {} if figures else None
     if figures:
-        written = draw_figures(experiment, results, directory)
+        written = draw_figures(experiment, results, directory, drawn)
         if written:
             note(f"wrote {len(written)} figure files to {directory.figures_dir}")
-    write_summary(experiment, results, directory)
+    rows = write_summary(experiment, results, directory)
+    finished = time.monotonic()
+    directory.record_timings({
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_model_s": round(loaded - started, 2), "compute_s": round(computed - computing, 2),
+        "examples_computed": chunks.computed, "figures_s": round(finished - computed, 2),
+        "total_s": round(finished - started, 2)})
+    results.spec = directory.read_spec()
+    write_run_report(experiment, results, directory, rows, drawn)
     return results
+
+
+def write_run_report(experiment: Experiment, results: Results, directory: RunDirectory, rows: list[dict] | None,
+                     drawn: dict | None) -> Path:
+    """report.html in the run directory, from the summary rows and figures already made
+    (`drawn` None: the run drew no figures, and the report has none)."""
+    from .report import REPORT_NAME, build_report
+
+    page = build_report(results, experiment=experiment, rows=rows, drawn=drawn, figures=drawn is not None)
+    path = directory.path / REPORT_NAME
+    with directory.lock():
+        directory.write_text(path, page)
+    note(f"wrote the run's report to {path}")
+    return path
 
 
 def write_summary(experiment: Experiment, results: Results, directory: RunDirectory) -> list[dict] | None:
@@ -447,12 +476,20 @@ def write_summary(experiment: Experiment, results: Results, directory: RunDirect
     return rows
 
 
-def draw_figures(experiment: Experiment, results: Results, directory: RunDirectory) -> list[Path]:
+def draw_figures(experiment: Experiment, results: Results, directory: RunDirectory,
+                 drawn: dict | None = None) -> list[Path]:
     """The experiment's figures, drawn by one process at a time; a failed write is one
-    line that says the examples are stored and how to draw the figures again."""
+    line that says the examples are stored and how to draw the figures again. `drawn`,
+    when given, receives the figures by name (for the report)."""
+    from .figure_set import run_figures
+    from .plotting import write_figures
+
     try:
         with directory.lock():
-            return experiment.figures(results, directory.figures_dir)
+            figures = run_figures(experiment, results)
+            if drawn is not None:
+                drawn.update(figures)
+            return write_figures([(fig, directory.figures_dir / name) for name, fig in figures.items()])
     except OSError as error:
         raise StoreWriteError(
             f"cannot write the figures into {directory.figures_dir} ({error.strerror or error}); the {len(results)} "

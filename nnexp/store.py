@@ -13,7 +13,9 @@ Layout of `results/<experiment>/<model>/<run>/`:
                                identity and a checksum (`nnexp.example_file`)
     examples.jsonl             a readable index: one line per stored example
     skipped.json               examples the experiment chose not to compute (only_correct,
-                               multi_token=skip), so that they do not count as missing
+                               multi_token=skip), so that they do not count as missing, and why
+    report.html                the run in one page: what was run, on what, the summary with its
+                               intervals, every figure (`nnexp.report`)
     jobs.json                  remote runs: chunks submitted without waiting: job id, examples,
                                row limit and plan fingerprint (what decoding them needs)
     remote.json                remote runs: the host, and bytes received per example
@@ -295,17 +297,38 @@ class RunDirectory:
             raise ResultsError(f"{self.skipped_path} is not a valid list of skipped examples; delete it and run "
                                f"`nnexp resume {self.path}` to decide again which examples to compute") from None
 
-    def add_skipped(self, indices) -> None:
-        """Record examples the experiment chose not to compute (they are not missing)."""
+    def add_skipped(self, indices, reasons: dict[int, str] | None = None) -> None:
+        """Record examples the experiment chose not to compute (they are not missing), and
+        why, per example, when `reasons` says (read by the report)."""
         indices = set(indices)
         if not indices:
             return
         with self.lock():
             known = self.read_skipped()
             if not indices <= known:
+                stored = self.read_skip_reasons()
+                stored.update({str(i): why for i, why in (reasons or {}).items() if i in indices})
                 self._write_json(self.skipped_path, {
                     "examples": sorted(known | indices),
-                    "why": "not selected by the experiment (e.g. only_correct, multi_token=skip)"})
+                    "why": "not selected by the experiment (e.g. only_correct, multi_token=skip)",
+                    **({"reasons": dict(sorted(stored.items(), key=lambda kv: int(kv[0])))} if stored else {})})
+
+    def read_skip_reasons(self) -> dict[str, str]:
+        """{index (as text): why} for skipped examples; empty for runs that did not record it."""
+        if not self.skipped_path.is_file():
+            return {}
+        try:
+            reasons = json.loads(self.skipped_path.read_text(encoding="utf-8")).get("reasons", {})
+            return {str(k): str(v) for k, v in reasons.items()} if isinstance(reasons, dict) else {}
+        except (json.JSONDecodeError, AttributeError):
+            return {}
+
+    def record_timings(self, timings: dict) -> None:
+        """The latest command's timings, in spec.json's "run" part (not part of the run's
+        identity, like its limit)."""
+        with self.lock():
+            stored = self.read_spec()
+            self._write_json(self.spec_path, {**stored, "run": {**stored.get("run", {}), "timings": timings}})
 
     def expected(self, spec: dict) -> list[int]:
         """The examples the run computes: those within its limit it did not skip."""
@@ -381,6 +404,10 @@ class RunDirectory:
         """The run's summary table (`Results.summary()`) as summary.csv."""
         self._write(self.summary_path, text.encode())
         return self.summary_path
+
+    def write_text(self, path: Path, text: str) -> None:
+        """A text file of the run (its report), written atomically."""
+        self._write(path, text.encode("utf-8"))
 
     def write_index(self, records: list[ExampleRecord]) -> None:
         lines = [json.dumps({"index": r.index, **r.scalars, **r.info}) for r in records]

@@ -167,6 +167,11 @@ class CompiledFactExperiment(CompiledExperiment):
                             "(run without only_correct to analyse them anyway)")
         return kept
 
+    def skip_reason(self, item: FactItem) -> str:
+        if item.fact is None:
+            return "target not a single token (multi_token=skip)"
+        return "not predicted correctly (only_correct)"
+
     def predict(self, facts: list[TokenizedFact], batch: int) -> None:
         """Set each fact's `predicted_id`: one left-padded forward pass per `batch` facts."""
         chunks = [facts[start : start + batch] for start in range(0, len(facts), batch)]
