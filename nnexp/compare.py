@@ -269,7 +269,14 @@ def compare(*paths, ci: float | None = None, n_boot: int | None = None) -> Compa
         frame["relative_depth"] = [relative_depth(int(layer), n_layers) for layer in frame["layer"]]
         frames.append(frame)
         runs.append({"label": label, "path": results.path, "model": spec["model"]["name"], "n_layers": n_layers,
-                     "examples": len(results)})
+                     "examples": len(results), "indices": [record.index for record in results]})
+    held = [run.pop("indices") for run in runs]
+    if any(indices != held[0] for indices in held[1:]):
+        from .console import note
+
+        note("the runs hold different examples of the data (" + "; ".join(
+            f"{run['label']}: {len(indices)}" for run, indices in zip(runs, held)) + ", after --limit and what each "
+            "model's selection kept): their means are over different subsets")
     frame = pd.concat(frames, ignore_index=True)
     frame["role"] = frame["role"].astype(object).where(frame["role"].notna(), None)
     frame = frame[list(COLUMNS)]

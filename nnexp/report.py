@@ -178,7 +178,7 @@ def _data_rows(spec: dict, results, skipped: list[int], why: str, reasons: dict)
         for index in skipped:
             reason = reasons.get(str(index)) or why or "not selected by the experiment"
             counts[reason] = counts.get(reason, 0) + 1
-        rows.append(("skipped", f"{len(skipped)}: " + "; ".join(f"{n} {reason}" for reason, n in counts.items())))
+        rows.append(("skipped", "; ".join(f"{n}: {reason}" for reason, n in counts.items())))
     else:
         rows.append(("skipped", 0))
     if results.missing:
@@ -237,7 +237,8 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; 
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left;
 vertical-align: top; font-size: 0.9em; } table.kv td:first-child { font-weight: 600; white-space: nowrap; }
-table.summary td { font-family: ui-monospace, monospace; } pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; }
+table.summary td { font-family: ui-monospace, monospace; }
+pre { background: #f5f5f5; padding: 0.8em; white-space: pre-wrap; overflow-wrap: anywhere; }
 .cards { display: flex; flex-wrap: wrap; gap: 0 3em; } .cards section { flex: 1 1 420px; min-width: 0; }
 .cards td { overflow-wrap: anywhere; } .figure { margin: 1em 0; } select { font-size: 1em; max-width: 100%; }
 """

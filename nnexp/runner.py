@@ -4,9 +4,10 @@ The runner is the same for every experiment kind. It checks that the results
 directory can be written before loading the model, validates all examples before
 computing anything (bad data fails in seconds, not after an hour), skips examples
 already stored in the run directory, runs the rest in chunks with a progress bar,
-stores each example the moment its chunk finishes, and at the end draws figures and
+stores each example the moment its chunk finishes, and at the end draws figures,
 writes summary.csv (every dataset-level mean with its bootstrap interval), naming the
-largest effects at the terminal.
+largest effects at the terminal, records the command's timings in spec.json and writes
+the run's report.html (`nnexp.report`).
 
 Several processes may run the same command into one directory: each claims the
 examples of a chunk before computing them (`nnexp.claims`), leaves to the others
@@ -43,7 +44,7 @@ POLL_INTERVAL_S = 2.0  # between asks for a submitted job's results, when waitin
 
 def _versions() -> dict:
     out = {}
-    for package in ("nnexp", "nnsight", "torch", "transformers"):
+    for package in ("nnexp", "nnsight", "torch", "transformers", "safetensors", "numpy", "pandas", "plotly"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -55,9 +55,14 @@ def test_loading_example_works_on_the_demo_directory(tmp_path, smollm2):
     assert result.returncode == 0, result.stderr
     demo_dir = re.search(r"results/ioi-patching/smollm2-135m/run-[0-9a-f]{10}", README).group(0)
     assert result.stdout.strip() == demo_dir
-    loaded = run_python(block("nnexp.load_results(") + "\nprint(effect.sel(layer=20).values.shape)\n", tmp_path)
+    loaded = run_python(block("record = results[0]") + "\nprint(effect.sel(layer=20).values.shape)\n", tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "torch.Size([16])"
+    # the notebook example, on the same directory
+    shown = run_python(block("results.figure(") + "\nprint(type(results[0].figure('resid_post')).__name__, frame.shape, "
+                       "array.dims, 'mean-roles-resid_post' in results.figures())\n", tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "Figure (480,) ('layer', 'position') True"
 
 
 @pytest.mark.slow
