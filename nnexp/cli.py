@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where to write it (default: report.html in the run directory)")
     report.add_argument("--allow-missing", dest="allow_missing", action="store_true",
                         help="report the examples there are when some of the run's are missing or damaged")
+    report.add_argument("--examples", type=int, default=None, metavar="N",
+                        help="the per-example section holds the first N examples (default 200)")
     report.add_argument("--quiet", action="store_true")
     _add_include(report)
 
@@ -338,7 +340,10 @@ def cmd_report(args) -> None:
     path = Path(args.output) if args.output else None
     if path is not None and path.is_dir():
         raise ConfigError(f"{path} is a folder; give the report's file name, e.g. -o {path / 'report.html'}")
-    print(write_report(results, path))
+    if args.examples is not None and args.examples < 0:
+        raise ConfigError(f"--examples is {args.examples}; give how many examples' figures the report holds (0 or more)")
+    options = {} if args.examples is None else {"max_examples": args.examples}
+    print(write_report(results, path, **options))
 
 
 def cmd_compare(args) -> None:

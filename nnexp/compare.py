@@ -190,8 +190,10 @@ class Comparison:
             title={"text": f"{self.experiment}: {measure} across models ({models})<br><sup>mean over examples with "
                            f"{100 * self.ci:g}% bootstrap intervals, by role and relative depth</sup>",
                    "font": {"size": 16}},
-            width=max(700, 330 * columns + 150), height=120 + 300 * rows, template="plotly_white",
-            margin={"t": 140}, legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0})
+            width=min(1280, max(700, 300 * columns + 100)), height=190 + 300 * rows, template="plotly_white",
+            margin={"t": 120, "b": 110},
+            # under the panels, clear of the title and of the panels' own titles
+            legend={"orientation": "h", "yref": "container", "y": 0.0, "yanchor": "bottom", "x": 0.0, "xanchor": "left"})
         return fig
 
     def to_html(self) -> str:

@@ -28,6 +28,10 @@ from pathlib import Path
 from .statistics import SUMMARY_COLUMNS, top_findings
 
 REPORT_NAME = "report.html"
+# The per-example section holds the figures of this many examples by default: each adds
+# its figures' data to the file (tens of kB), so a run of thousands would make a page of
+# hundreds of MB. `nnexp report DIR --examples N` takes more.
+MAX_EXAMPLES = 200
 _SECRET = re.compile(r"key|token|secret|password|credential|auth", re.IGNORECASE)
 
 
@@ -57,8 +61,8 @@ def _set_value(value) -> str:
         return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
     return str(value)
 
 
@@ -83,7 +87,10 @@ def reproduce_command(spec: dict) -> str:
     from .experiment import experiment_from_spec
 
     experiment = experiment_from_spec(spec["experiment"])
-    defaults = type(experiment)()
+    try:
+        defaults = type(experiment)()
+    except Exception:  # noqa: BLE001 - an experiment without usable defaults: give every parameter
+        defaults = None
     words = ["nnexp", "run", _experiment_reference(spec)]
     model = spec["model"]
     source = model["source"]
@@ -104,7 +111,7 @@ def reproduce_command(spec: dict) -> str:
         if field.name == "data":
             continue
         value = getattr(experiment, field.name)
-        if value != getattr(defaults, field.name):
+        if defaults is None or value != getattr(defaults, field.name):
             words += ["--set", f"{field.name}={_set_value(value)}"]
     run = spec.get("run", {})
     if run.get("limit") is not None:
@@ -320,7 +327,8 @@ def render(results, experiment, rows: list[dict] | None, figures: dict | None, e
 
     scripts = []
     if figures is None:
-        parts.append("<h2>Figures</h2><p>Figures were not drawn for this report (the run used --no-figures); "
+        why = "the run used --no-figures" if results.records else "no example is stored yet"
+        parts.append(f"<h2>Figures</h2><p>Figures were not drawn for this report ({why}); "
                      f"<code>nnexp report {esc(shlex.quote(str(results.path)))}</code> draws them.</p>")
     else:
         parts.append(f'<h2>Dataset figures</h2><div id="dataset-figures" data-expected="{len(figures)}">')
@@ -333,7 +341,10 @@ def render(results, experiment, rows: list[dict] | None, figures: dict | None, e
         by_index = {record.index: record for record in results.records}
         options = "".join(f'<option value="{index}">{esc(_example_label(by_index[index]))}</option>'
                           for index in examples)
-        parts.append("<h2>Examples</h2><p>Choose an example to see its figures.</p>"
+        more = (f" The first {len(examples)} of the {len(results)} examples are here; <code>nnexp report "
+                f"{esc(shlex.quote(str(results.path)))} --examples {len(results)}</code> includes every one."
+                if len(examples) < len(results) else "")
+        parts.append(f"<h2>Examples</h2><p>Choose an example to see its figures.{more}</p>"
                      f'<select id="example-chooser">{options}</select><div id="example-figures"></div>')
         for index, named in examples.items():
             payload = "[" + ",".join(f"[{json.dumps(name)},{fig.to_json()}]" for name, fig in named.items()) + "]"
@@ -347,10 +358,11 @@ def render(results, experiment, rows: list[dict] | None, figures: dict | None, e
 
 
 def build_report(results, *, experiment=None, rows: list[dict] | None = None, drawn: dict | None = None,
-                 figures: bool = True) -> str:
+                 figures: bool = True, max_examples: int = MAX_EXAMPLES) -> str:
     """The report's HTML for loaded `results`. `rows` (summary rows) and `drawn` (figures
     by name, `figure_set.run_figures`) are reused when given, computed otherwise;
-    `figures=False` leaves the figures out."""
+    `figures=False` leaves the figures out; the per-example section holds the first
+    `max_examples` examples."""
     from .errors import NnexpError
     from .figure_set import dataset_figures, example_figures, run_figures
 
@@ -364,7 +376,9 @@ def build_report(results, *, experiment=None, rows: list[dict] | None = None, dr
     if figures and results.records:
         drawn = drawn if drawn is not None else run_figures(experiment, results)
         dataset = dataset_figures(drawn)
-        examples = example_figures(experiment, results, results.records, drawn)
+        shown = results.records[:max_examples]
+        examples = {index: named for index, named in example_figures(experiment, results, shown, drawn).items()
+                    if named} or None  # a kind may draw no per-example figures
     return render(results, experiment, rows, dataset, examples)
 
 

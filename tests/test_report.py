@@ -112,6 +112,11 @@ def test_report_command(run, tmp_path, capsys):
     assert main(["report", str(run.path), "-o", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert 'id="example-chooser"' in out.read_text()
+    # a shorter per-example section says how to get every example
+    assert main(["report", str(run.path), "-o", str(out), "--examples", "2", "--quiet"]) == 0
+    page = out.read_text()
+    assert re.findall(r'id="example-data-(\d+)"', page) == ["0", "1"]
+    assert f"The first 2 of the {N_EXAMPLES} examples are here" in page and f"--examples {N_EXAMPLES}" in page
     assert main(["report", str(tmp_path)]) == 2
     assert "not an nnexp results directory" in capsys.readouterr().err
 
