@@ -12,12 +12,12 @@ the figures of later examples are drawn 16 examples at a time.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from .plotting import capturing
 
 PER_CALL = 16  # the examples a kind draws per-example figures for (its max_examples)
-_UNUSED = Path("figures")  # kinds build file paths from it; nothing is written while capturing
 
 
 def example_prefix(index: int) -> str:
@@ -25,17 +25,27 @@ def example_prefix(index: int) -> str:
     return f"example-{index:04d}-"
 
 
-def run_figures(experiment, results) -> dict:
-    """Every figure the experiment draws for `results`, by name (file name without suffix)."""
+def run_figures(experiment, results, out_dir: Path | None = None) -> dict:
+    """Every figure the experiment draws for `results`, by name (its file name under
+    `out_dir` without the suffix); see `draw`."""
+    return draw(experiment, results, out_dir)[0]
+
+
+def draw(experiment, results, out_dir: Path | None = None) -> tuple[dict, list[Path]]:
+    """(figures by name, files the experiment wrote itself). Nothing goes through
+    `write_figures` meanwhile; the experiment is still given the run's figures folder
+    (`out_dir`, by default <run>/figures), where a user's `figures()` that writes files
+    of its own writes them."""
+    out_dir = Path(out_dir) if out_dir is not None else Path(results.path) / "figures"
     with capturing() as captured:
-        experiment.figures(results, _UNUSED)
-    return {_name(path): fig for fig, path in captured}
+        own = experiment.figures(results, out_dir) or []
+    return {_name(path, out_dir): fig for fig, path in captured}, list(own)
 
 
-def _name(path: Path) -> str:
+def _name(path: Path, out_dir: Path) -> str:
     """A figure's name: its path under the figures folder (no suffix is added yet)."""
     try:
-        return path.relative_to(_UNUSED).as_posix()
+        return path.relative_to(out_dir).as_posix()
     except ValueError:
         return path.name
 
@@ -57,7 +67,10 @@ def example_figures(experiment, results, records, drawn: dict | None = None) -> 
             todo.append(record)
     for start in range(0, len(todo), PER_CALL):
         chunk = todo[start:start + PER_CALL]
-        figures = run_figures(experiment, Results(results.path, results.spec, chunk))
+        # a folder of its own: a user's figures() that writes files itself must not put
+        # means over this chunk where the run's figures are
+        with tempfile.TemporaryDirectory(prefix="nnexp-figures-") as scratch:
+            figures = run_figures(experiment, Results(results.path, results.spec, chunk), Path(scratch))
         for record in chunk:
             prefix = example_prefix(record.index)
             out[record.index] = {name[len(prefix):]: fig for name, fig in figures.items() if name.startswith(prefix)}

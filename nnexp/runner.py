@@ -482,15 +482,16 @@ def draw_figures(experiment: Experiment, results: Results, directory: RunDirecto
     """The experiment's figures, drawn by one process at a time; a failed write is one
     line that says the examples are stored and how to draw the figures again. `drawn`,
     when given, receives the figures by name (for the report)."""
-    from .figure_set import run_figures
+    from .figure_set import draw
     from .plotting import write_figures
 
     try:
         with directory.lock():
-            figures = run_figures(experiment, results)
+            figures, own = draw(experiment, results, directory.figures_dir)
             if drawn is not None:
                 drawn.update(figures)
-            return write_figures([(fig, directory.figures_dir / name) for name, fig in figures.items()])
+            written = write_figures([(fig, directory.figures_dir / name) for name, fig in figures.items()])
+            return written + [path for path in own if path not in written]
     except OSError as error:
         raise StoreWriteError(
             f"cannot write the figures into {directory.figures_dir} ({error.strerror or error}); the {len(results)} "

@@ -238,3 +238,31 @@ def test_notebook_views_in_a_kernel(tmp_path):
     assert outputs[6][0]["text"].strip() == f"({3 * n_tokens},) ['layer', 'position']"
     printed = outputs[7][0]["text"].strip()
     assert printed == "no xarray" or printed == "('layer', 'position') 3"
+
+
+def test_a_users_own_figure_files_land_in_the_run_and_nowhere_else(run, monkeypatch):
+    """A user's figures() that writes files of its own still writes them into the run's
+    figures folder; drawing one example's figures (for the report, a notebook) does not
+    overwrite them with figures of that example alone."""
+    from nnexp import plotting
+    from nnexp.figure_set import example_figures
+    from nnexp.runner import draw_figures
+    from nnexp.store import RunDirectory
+
+    class OwnFigures(IOIPatching):
+        def figures(self, results, out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            own = out_dir / "own.html"
+            own.write_text(f"<p>{len(results)} examples</p>")
+            return super().figures(results, out_dir) + [own]
+
+    monkeypatch.setitem(plotting._png_state, "checked", True)
+    monkeypatch.setitem(plotting._png_state, "available", False)
+    experiment = OwnFigures(dataset="classic", sites=("resid_post", "head_out"))
+    drawn: dict = {}
+    written = draw_figures(experiment, run, RunDirectory(run.path), drawn)
+    own = run.path / "figures" / "own.html"
+    assert own in written and own.read_text() == f"<p>{N_EXAMPLES} examples</p>"
+    assert run.path / "figures" / "mean-roles-resid_post.html" in written and "mean-roles-resid_post" in drawn
+    assert set(example_figures(experiment, run, [run[1]])[1]) == {"resid_post", "head_out"}
+    assert own.read_text() == f"<p>{N_EXAMPLES} examples</p>"
