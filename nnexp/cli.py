@@ -337,22 +337,37 @@ def cmd_report(args) -> None:
     if results.missing:
         console.note(f"reporting the {len(results)} examples there are; {len(results.missing)} of the run's are "
                      f"missing ({describe_indices(results.missing)})")
-    path = Path(args.output) if args.output else None
-    if path is not None and path.is_dir():
-        raise ConfigError(f"{path} is a folder; give the report's file name, e.g. -o {path / 'report.html'}")
+    path = _output_file(args.output, "report.html")
     if args.examples is not None and args.examples < 0:
         raise ConfigError(f"--examples is {args.examples}; give how many examples' figures the report holds (0 or more)")
     options = {} if args.examples is None else {"max_examples": args.examples}
-    print(write_report(results, path, **options))
+    try:
+        print(write_report(results, path, **options))
+    except OSError as error:
+        raise ConfigError(f"cannot write {path or results.path / 'report.html'} ({error.strerror or error}); "
+                          "give a file in a folder you can write with -o FILE") from None
+
+
+def _output_file(output: str | None, example: str) -> Path | None:
+    """-o FILE, refused at once when it names a folder."""
+    path = Path(output) if output else None
+    if path is not None and path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name, e.g. -o {path / example}")
+    return path
 
 
 def cmd_compare(args) -> None:
     from .compare import compare
 
+    path = _output_file(args.output, "compare.html")
     comparison = compare(*args.directories)
     print(comparison.peaks_text(by_role=args.by_role))
-    if args.output:
-        console.note(f"wrote {comparison.write_html(args.output)}")
+    if path is not None:
+        try:
+            console.note(f"wrote {comparison.write_html(path)}")
+        except OSError as error:
+            raise ConfigError(f"cannot write {path} ({error.strerror or error}); give a file in a folder you can "
+                              "write with -o FILE") from None
 
 
 def main(argv: list[str] | None = None) -> int:

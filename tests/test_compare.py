@@ -153,6 +153,7 @@ def test_refusals(two_runs, gpt2_tiny, tmp_path, capsys):
     assert "not an nnexp results directory" in _error(["compare", str(gpt2.path), str(tmp_path)], capsys)
     assert "same run" in _error(["compare", str(gpt2.path), str(gpt2.path)], capsys)
     assert "at least two" in _error(["compare", str(gpt2.path)], capsys)
+    assert "is a folder" in _error(["compare", str(gpt2.path), str(llama.path), "-o", str(tmp_path)], capsys)
 
 
 def _spec(experiment, model="m1", data=None) -> dict:
