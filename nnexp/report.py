@@ -137,7 +137,8 @@ def _value_text(value) -> str:
 
 
 def _skipped(path: Path) -> tuple[list[int], str, dict]:
-    """(skipped indices, why, reasons by index) from skipped.json (reasons: runs since this report)."""
+    """(skipped indices, why, reasons by index) from skipped.json; runs made before nnexp
+    recorded a reason per example have none."""
     file = path / "skipped.json"
     if not file.is_file():
         return [], "", {}
@@ -204,7 +205,7 @@ def _timing_rows(run: dict) -> list[tuple]:
     rows = [("started", run.get("created"))]
     timings = run.get("timings") or {}
     labels = {"finished": "finished", "load_model_s": "loading the model (s)", "compute_s": "computing (s)",
-              "examples_computed": "examples computed by the latest command", "figures_s": "figures (s)",
+              "examples_computed": "examples computed by the latest command", "figures_s": "figures and summary (s)",
               "total_s": "latest command in all (s)"}
     rows += [(label, timings[key]) for key, label in labels.items() if key in timings]
     if not timings:
