@@ -32,7 +32,10 @@ REPORT_NAME = "report.html"
 # its figures' data to the file (tens of kB), so a run of thousands would make a page of
 # hundreds of MB. `nnexp report DIR --examples N` takes more.
 MAX_EXAMPLES = 200
-_SECRET = re.compile(r"key|token|secret|password|credential|auth", re.IGNORECASE)
+# The names a credential goes by. Deliberately whole names, not substrings: an
+# experiment's parameters (`multi_token`, a knockout's `key` positions) must all show.
+_SECRET = re.compile(r"^(.*_)?(api_?key|secret|password|passwd|credentials?|auth|auth_token|access_token|hf_token)$",
+                     re.IGNORECASE)
 
 
 def esc(value) -> str:

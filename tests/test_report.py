@@ -107,6 +107,18 @@ def test_report_escapes_text_and_leaves_out_secrets(run, tmp_path):
     assert "<script>alert('x')</script> & </b>" in title
 
 
+def test_report_shows_every_parameter_and_no_credential(run):
+    from nnexp.report import _without_secrets
+
+    page = build_report(nnexp.load_results(run.path))
+    for name in run.spec["experiment"]["params"]:
+        assert f">{name}<" in page, name
+    # whole credential names go; parameters that merely contain "token" or "key" stay
+    kept = _without_secrets({"multi_token": "skip", "key": [3], "tokens": 5, "api_key": "x", "NDIF_API_KEY": "x",
+                             "hf_token": "x", "password": "x", "auth": {"user": "x"}})
+    assert kept == {"multi_token": "skip", "key": [3], "tokens": 5}
+
+
 def test_report_command(run, tmp_path, capsys):
     out = tmp_path / "elsewhere.html"
     assert main(["report", str(run.path), "-o", str(out), "--quiet"]) == 0
