@@ -131,6 +131,19 @@ def test_verification_selects_the_top_cells_and_a_seeded_sample(tmp_path, monkey
         worst = max(missed, key=lambda i: abs(exact[i]))
         found = false_negative(record, "atp")
         assert found["exact"] == exact[worst] and found["rank"] == int(table[worst, columns["rank_atp"]])
+    # figures (HTML only here) and the dataset summary
+    from nnexp.kinds.attribution_patching.figures import attribution_patching_figures
+
+    monkeypatch.setattr("nnexp.plotting.png_available", lambda: False)
+    written = {path.name for path in attribution_patching_figures(
+        ioi_atp(sites=("resid_post", "head_out")), results, tmp_path / "figures")}
+    assert {"scatter-atp.html", "scatter-atp-star.html", "mean-heads-atp.html", "example-0001-heads-atp-star.html"} \
+        <= written
+    page = (tmp_path / "figures" / "scatter-atp.html").read_text()
+    assert "AtP estimate vs exact patching effect" in page and "exact patching effect (normalised)" in page
+    rows = ioi_atp(sites=("resid_post", "head_out")).summary_rows(results)
+    measures = {row["role"] for row in rows if row["measure"] == "agreement with exact patching"}
+    assert {"recall_atp", "spearman_atp_star", "false_negative_atp"} <= measures
     again = nnexp.run(ioi_atp(sites=("resid_post", "head_out"), top_k=4, sample=3), model, out=tmp_path / "b",
                       figures=False)
     other = nnexp.run(ioi_atp(sites=("resid_post", "head_out"), top_k=4, sample=3, sample_seed=5), model,

@@ -1,9 +1,11 @@
 """Attribution-patching figures: estimate vs exact effect of every verified cell (one
 scatter per variant, every example), and layer x head heatmaps of the head_out
-estimates (summed over positions), the heads with a verified cell marked."""
+estimates (summed over positions), the heads with a top-k cell verified marked (per
+example also those only the random sample reached)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -56,22 +58,26 @@ def _index(tensor, labels: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(tensor.labels(dim).index(label) for dim, label in zip(tensor.dims, labels))
 
 
-def _verified_heads(record, experiment) -> set[tuple[int, int]]:
-    """(layer, head) of head_out's verified cells in `record`."""
+def _verified_heads(record, experiment, sampled: bool) -> set[tuple[int, int]]:
+    """(layer, head) of head_out's verified cells in `record`: those verified as a top-k
+    cell (sampled False), or from the random sample (sampled True)."""
     column = {name: i for i, name in enumerate(FIELDS)}
     site = experiment.sites.index("head_out")
     table = record["verified"].values
-    return {(int(row[column["layer"]]), int(row[column["head"]]))
-            for row in table[table[:, column["site"]] == site].tolist()}
+    keep = (table[:, column["site"]] == site) & (table[:, column["sampled"]] == float(sampled))
+    return {(int(row[column["layer"]]), int(row[column["head"]])) for row in table[keep].tolist()}
 
 
-def _head_figure(values, layers, heads, verified, title, colorbar) -> go.Figure:
+def _head_figure(values, layers, heads, marks, title, colorbar) -> go.Figure:
+    """A layer x head heatmap; `marks`: (label, marker symbol, {(layer, head)}) drawn over it."""
     fig = heatmap(values, title=title, x_title="head", y_title="layer", x_labels=[f"H{h}" for h in heads],
                   y_labels=[f"L{layer}" for layer in layers], colorbar_title=colorbar)
-    marks = [(heads.index(h), layers.index(layer)) for layer, h in verified if layer in layers and h in heads]
-    fig.add_trace(go.Scatter(x=[x for x, _ in marks], y=[y for _, y in marks], mode="markers", hoverinfo="skip",
-                             name="o: a cell of this head verified exactly",
-                             marker={"symbol": "circle-open", "size": 12, "color": "black"}))
+    for label, symbol, cells in marks:
+        points = [(heads.index(h), layers.index(layer)) for layer, h in sorted(cells) if layer in layers and h in heads]
+        fig.add_trace(go.Scatter(x=[x for x, _ in points], y=[y for _, y in points], mode="markers",
+                                 hoverinfo="skip", name=label,
+                                 marker={"symbol": symbol, "size": 12 if symbol == "circle-open" else 7,
+                                         "color": "black"}))
     return fig
 
 
@@ -89,14 +95,20 @@ def attribution_patching_figures(experiment, results, out_dir: Path, max_example
                 totals = head_totals(record, variant)
                 title = (f"{name} estimate per attention head (summed over positions)<br><sup>{about} · example "
                          f"{record.index} · {shorten(record.info.get('clean', ''), 70)!r}</sup>")
-                figures.append((_head_figure(totals.values, totals.labels("layer"), totals.labels("head"),
-                                             _verified_heads(record, experiment), title, "estimate<br>(normalised)"),
+                top = _verified_heads(record, experiment, sampled=False)
+                marks = [("o: a top-k cell of this head verified exactly", "circle-open", top),
+                          ("x: only sampled cells verified", "x-thin-open",
+                           _verified_heads(record, experiment, sampled=True) - top)]
+                figures.append((_head_figure(totals.values, totals.labels("layer"), totals.labels("head"), marks,
+                                             title, "estimate<br>(normalised)"),
                                 out_dir / f"example-{record.index:04d}-heads-{variant.replace('_', '-')}"))
             estimate = head_estimate(experiment, results, variant)
-            verified = set().union(*(_verified_heads(r, experiment) for r in results))
+            counts = Counter(cell for r in results for cell in _verified_heads(r, experiment, sampled=False))
+            usual = {cell for cell, count in counts.items() if count >= len(results) / 2}
             title = (f"Mean {name} estimate per attention head (summed over positions)<br><sup>{about} · mean over "
-                     f"{len(results)} examples · o: verified in at least one example</sup>")
+                     f"{len(results)} examples</sup>")
+            marks = [("o: a top-k cell of this head verified in at least half the examples", "circle-open", usual)]
             figures.append((_head_figure(estimate.labelled().values, estimate.labels("layer"), estimate.labels("head"),
-                                         verified, title, "mean estimate<br>(normalised)"),
+                                         marks, title, "mean estimate<br>(normalised)"),
                             out_dir / f"mean-heads-{variant.replace('_', '-')}"))
     return write_figures(figures)
