@@ -1,14 +1,15 @@
 """The benchmark harness: every section, one model, one device, in one run.
 
     python -m bench.run [--model smollm2-135m] [--device cpu] [--dtype float32]
-                        [--sections patching,attribution,throughput,budget] [--sweeps resid,heads] [--reps 5]
+                        [--sections patching,attribution,throughput,budget,atp] [--sweeps resid,heads] [--reps 5]
                         [--transformer-lens] [--inseq] [--out bench/results/NAME.md]
 
 Sections: IOI patching sweeps against the floor, nnsight's per-invoke pattern, a loop
 of traces and TransformerLens (bench/patching_sweeps.py); all-layer attribution
 against a per-layer loop and Inseq (bench/attribution.py); dataset throughput over
 1,000 CounterFact-style facts (bench/throughput.py); the memory budget
-(bench/budget.py). Timings are medians over interleaved repetitions; every contender's
+(bench/budget.py); attribution patching's screening against the exact head sweep
+(bench/attribution_patching.py). Timings are medians over interleaved repetitions; every contender's
 numbers are checked against nnexp's first. Prints markdown tables (and writes them
 to --out).
 """
@@ -25,10 +26,11 @@ import torch
 
 from nnexp import console
 
-from . import attribution, budget, patching_sweeps, throughput
+from . import attribution, attribution_patching, budget, patching_sweeps, throughput
 from .common import bench_model, machine
 
-SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget}
+SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget,
+            "atp": attribution_patching}
 
 
 def main(argv=None) -> None:
@@ -36,7 +38,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="an nnexp model name, gpt2-small-shape or gpt2-xl-shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--sections", default="patching,attribution,throughput,budget")
+    parser.add_argument("--sections", default="patching,attribution,throughput,budget,atp")
     parser.add_argument("--sweeps", default="resid,heads", help="the patching section's sweeps")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="skip the slowest contenders and warm-ups (a smoke run)")
@@ -48,6 +50,9 @@ def main(argv=None) -> None:
     parser.add_argument("--loop-layers", type=int, default=0, help="layers the per-layer loops are timed on (0: all)")
     parser.add_argument("--examples", type=int, default=1000, help="facts in the throughput dataset")
     parser.add_argument("--batches", default="1,16,64", help="examples per trace in the throughput section")
+    parser.add_argument("--atp-rows", type=int, default=128, help="rows per trace of the exact head sweep (atp section)")
+    parser.add_argument("--atp-exact-traces", type=int, default=3,
+                        help="traces of the exact head sweep to time and scale from (0: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]

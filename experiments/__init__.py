@@ -13,10 +13,12 @@ from nnexp.experiment import register_experiment
 from .activation_addition import ActivationAddition
 from .counterfact_attribution import CounterFactAttribution
 from .factual_recall import AttentionKnockout, AttributeExtraction, CausalTracing, SublayerKnockout
+from .ioi_attribution_patching import IOIAttributionPatching
 from .ioi_patching import IOIPatching
 from .logit_attribution import DLAHeads, DLALayers, LogitAttribution, LogitLens
 
 for _cls in (IOIPatching, LogitLens, DLALayers, DLAHeads, LogitAttribution, CounterFactAttribution,
-             AttentionKnockout, AttributeExtraction, SublayerKnockout, CausalTracing, ActivationAddition):
+             AttentionKnockout, AttributeExtraction, SublayerKnockout, CausalTracing, ActivationAddition,
+             IOIAttributionPatching):
     register_experiment(_cls)
 

@@ -17,6 +17,7 @@ from .errors import ConfigError, DataError, ModelError, NnexpError, ResultsError
 from .experiment import Experiment, find_experiment, register_experiment
 from .kinds.attention_knockout import AttentionKnockoutExperiment
 from .kinds.attribute_extraction import AttributeExtractionExperiment
+from .kinds.attribution_patching import AttributionPatchingExperiment
 from .kinds.causal_tracing import CausalTracingExperiment
 from .kinds.gradient_attribution import GradientAttributionExperiment
 from .kinds.interventions import InterventionExample, InterventionExperiment
@@ -43,6 +44,7 @@ __all__ = [
     "ArchSpec",
     "AttentionKnockoutExperiment",
     "AttributeExtractionExperiment",
+    "AttributionPatchingExperiment",
     "Block",
     "CausalTracingExperiment",
     "ChunkPlan",

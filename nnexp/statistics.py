@@ -268,3 +268,37 @@ def top_findings(rows: list[dict], limit: int = 5) -> list[str]:
             line += f"; its interval excludes 0 at layers {_layer_runs(excluding)}"
         lines.append(line)
     return lines
+
+
+# -- rank correlation ---------------------------------------------------------------------
+
+
+def average_ranks(values) -> np.ndarray:
+    """Ranks 1..n of `values` (ascending), tied values sharing the mean of their ranks:
+    the ranking Spearman's correlation uses (`scipy.stats.rankdata`'s default)."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equal-length sequences: Pearson's correlation
+    of their average ranks (ties share a rank), as `scipy.stats.spearmanr`. NaN when
+    fewer than two values, or when either sequence is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-d sequences of equal length, got shapes {x.shape} and {y.shape}")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = average_ranks(x) - (len(x) + 1) / 2, average_ranks(y) - (len(y) + 1) / 2
+    denominator = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")

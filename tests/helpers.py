@@ -212,6 +212,8 @@ def kind_experiments(tmp_path, tokenizer) -> dict:
         "sublayer-knockout": EXPERIMENTS["sublayer-knockout"](data=facts, ablation="mean", window=2),
         "causal-tracing": EXPERIMENTS["causal-tracing"](data=facts, samples=2, window=2),
         "interventions": EXPERIMENTS["activation-addition"](layers=(0, 2), coefficients=(-2.0, 0.0, 3.0)),
+        "attribution-patching": EXPERIMENTS["ioi-attribution-patching"](sites=("resid_post", "head_out"),
+                                                                        n_examples=2, top_k=6, sample=4),
     }
 
 
@@ -230,6 +232,7 @@ KIND_ORACLES = {
     "sublayer-knockout": "tests/test_recall.py::test_sublayer_knockout_matches_reference",
     "causal-tracing": "tests/test_recall.py::test_causal_tracing_matches_reference",
     "interventions": "tests/test_interventions.py::test_every_edit_metric_and_read_matches_plain_hooks",
+    "attribution-patching": "tests/test_attribution_patching.py::test_estimates_match_independent_autograd",
 }
 
 

@@ -18,7 +18,7 @@ def test_harness_runs_every_section(tmp_path, capsys):
           "--transformer-lens", "--tl-cells", "4", "--loop-cells", "4", "--loop-layers", "1", "--out", str(out)])
     text = out.read_text()
     for title in ("IOI patching, residual stream", "IOI patching, heads", "All-layer contrastive attribution",
-                  "Dataset throughput", "Memory budget"):
+                  "Dataset throughput", "Memory budget", "Attribution patching: every head x position cell"):
         assert title in text
     for contender in ("floor: one plain forward", "nnexp: one trace", "one invoke per patched run",
                       "a loop of separate traces", "TransformerLens: one forward per cell", "per-layer loop"):

@@ -41,7 +41,8 @@ def test_registry_names_what_it_knows_and_refuses_a_second_owner():
 
 def test_every_registry_holds_the_built_in_names():
     assert nnexp.KINDS.names() == ["patching", "logit-attribution", "gradient-attribution", "attention-knockout",
-                                   "attribute-extraction", "sublayer-knockout", "causal-tracing", "interventions"]
+                                   "attribute-extraction", "sublayer-knockout", "causal-tracing", "interventions",
+                                   "attribution-patching"]
     for name, cls in nnexp.KINDS.items():
         assert issubclass(cls, nnexp.Experiment) and getattr(nnexp, cls.__name__) is cls, name
     assert {"ioi-patching", "logit-lens", "counterfact-attribution", "causal-tracing"} <= set(nnexp.EXPERIMENTS)

@@ -10,3 +10,4 @@ from . import attribute_extraction  # noqa: F401
 from . import sublayer_knockout  # noqa: F401
 from . import causal_tracing  # noqa: F401
 from . import interventions  # noqa: F401
+from . import attribution_patching  # noqa: F401

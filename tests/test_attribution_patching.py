@@ -1,0 +1,185 @@
+"""Attribution patching (AtP, AtP*'s GradDrop) against an independent autograd
+implementation (tests/atp_reference.py), its exact values against activation
+patching, the linear case where the estimate is exact, and its rank statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nnexp
+from nnexp.errors import ConfigError
+from nnexp.kinds.attribution_patching.experiment import FIELDS, false_negative
+from nnexp.registry import EXPERIMENTS
+from nnexp.statistics import average_ranks, spearman
+from tests import atp_reference
+from tests.helpers import assert_close, count_traces, make_gpt2_tokenizer, tiny_hf_model, tiny_model
+
+SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
+
+
+def ioi_atp(**fields):
+    return EXPERIMENTS["ioi-attribution-patching"](**{"n_examples": 2, **fields})
+
+
+def raw_estimate(record, site, variant):
+    """A record's estimate in metric units (undoing the normalisation by clean - corrupted)."""
+    denominator = record.scalars["clean"] - record.scalars["corrupted"]
+    return record[f"{site}.{variant}"].values.double() * (abs(denominator) if variant == "atp_star" else denominator)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_estimates_match_independent_autograd(family, tmp_path):
+    """Every site's AtP and GradDrop estimate of every cell, against plain hooks and
+    autograd on the same weights (GradDrop by L separate forward passes there)."""
+    model = tiny_model(family, seed=1)
+    experiment = ioi_atp(sites=SITES, top_k=3, sample=2)
+    results = nnexp.run(experiment, model, out=tmp_path / "run", figures=False)
+    n_layers = model.arch.n_layers
+    for record in results:
+        pair = experiment.examples()[record.index]
+        clean, corrupted = (model.tokenizer(text).input_ids for text in (pair.clean, pair.corrupted))
+        answer, foil = (model.tokenizer(word).input_ids[0] for word in (pair.answer, pair.foil))
+        ref_clean, ref_corrupted = atp_reference.metrics(model.hf, clean, corrupted, answer, foil)
+        assert record.scalars["clean"] == pytest.approx(ref_clean, rel=1e-4, abs=1e-5)
+        assert record.scalars["corrupted"] == pytest.approx(ref_corrupted, rel=1e-4, abs=1e-5)
+        plain = atp_reference.atp(model.hf, clean, corrupted, answer, foil, SITES)
+        star = atp_reference.atp_star(model.hf, clean, corrupted, answer, foil, SITES)
+        for site in SITES:
+            for variant, reference in (("atp", plain), ("atp_star", star)):
+                expected = torch.stack([reference[(site, layer)] for layer in range(n_layers)])
+                if site == "head_out":
+                    expected = expected.permute(0, 2, 1)  # [layer, head, position]
+                assert_close(raw_estimate(record, site, variant), expected,
+                             f"{family} {site} {variant} example {record.index}")
+
+
+def test_exact_values_are_activation_patchings_and_linear_cells_are_exact(tmp_path):
+    """With the final norm removed, the metric is linear in the last block's MLP output
+    and output at the last position: there the estimate equals exact patching. Every
+    verified cell's exact effect is the number activation patching reports for it."""
+    from nnexp import wrap_model
+
+    hf = tiny_hf_model("gpt2", seed=2)
+    hf.transformer.ln_f = torch.nn.Identity()
+    # float64 model: the normalised effect divides by a small clean - corrupted difference (estimates
+    # are stored in float32 and the metrics come back in float32, hence abs=1e-4 below)
+    hf.double()
+    model = wrap_model(hf, make_gpt2_tokenizer(), "tiny-gpt2-no-final-norm", {"kind": "test", "family": "gpt2"})
+    sites = ("resid_post", "mlp_out", "head_out")
+    experiment = ioi_atp(sites=sites, top_k=400, sample=0)  # every cell verified
+    results = nnexp.run(experiment, model, out=tmp_path / "atp", figures=False)
+    patching = nnexp.run(EXPERIMENTS["ioi-patching"](sites=sites, positions="each", head_positions="each",
+                                                     n_examples=2), model, out=tmp_path / "patching", figures=False)
+    nonlinear_gap = 0.0
+    for record, patched in zip(results, patching):
+        assert record.scalars["n_verified"] == record.scalars["n_cells"]
+        for site in sites:
+            exact = record[f"{site}.exact"].values
+            known = ~torch.isnan(exact)
+            assert known.sum() > 0
+            assert torch.equal(exact[known], patched[site].values[known].to(exact.dtype))
+            gap = (record[f"{site}.atp"].values - exact)[known].abs().max()
+            nonlinear_gap = max(nonlinear_gap, float(gap))
+        for site in ("mlp_out", "resid_post"):
+            last = record[f"{site}.exact"].values[-1, -1]
+            assert not math.isnan(last)
+            assert float(record[f"{site}.atp"].values[-1, -1]) == pytest.approx(float(last), abs=1e-4)
+    print("largest |estimate - exact| over the nonlinear cells:", nonlinear_gap)
+    assert nonlinear_gap > 1e-2, "every cell exact: the linear-cell check would prove nothing"
+
+
+def test_verification_selects_the_top_cells_and_a_seeded_sample(tmp_path, monkeypatch):
+    model = tiny_model("gpt2")
+    calls = count_traces(model, monkeypatch)
+    results = nnexp.run(ioi_atp(sites=("resid_post", "head_out"), top_k=4, sample=3), model, out=tmp_path / "a",
+                        figures=False)
+    # screening first, one trace of 2 rows per pair; then per pair one verification trace of
+    # clean, corrupted and one row per verified cell
+    assert calls == [2, 2] + [2 + len(record["verified"].values) for record in results]
+    columns = {name: i for i, name in enumerate(FIELDS)}
+    for record in results:
+        table = record["verified"].values
+        sampled = table[:, columns["sampled"]] == 1
+        assert int(sampled.sum()) == 3
+        tops = table[~sampled]
+        # the top-4 of each variant by |estimate| are verified, the sample lies outside both
+        for variant in ("atp", "atp_star"):
+            ranks = set(tops[:, columns[f"rank_{variant}"]].tolist())
+            assert {1.0, 2.0, 3.0, 4.0} <= ranks
+            assert (table[sampled][:, columns[f"rank_{variant}"]] > 4).all()
+        # the table's estimates and exact values are the stored tensors'
+        site_names, exact = record.info["sites"], []
+        for row in table.tolist():
+            site = site_names[int(row[columns["site"]])]
+            head = () if row[columns["head"]] < 0 else (int(row[columns["head"]]),)
+            index = (int(row[columns["layer"]]),) + head + (int(row[columns["position"]]),)
+            exact.append(float(record[f"{site}.exact"].values[index]))
+            assert not math.isnan(exact[-1])
+        assert int((~torch.isnan(record["head_out.exact"].values)).sum()
+                   + (~torch.isnan(record["resid_post.exact"].values)).sum()) == len(table)
+        # recall: of the 4 largest |exact| among the verified, the share in AtP's top 4
+        order = np.argsort(-np.abs(np.array(exact)), kind="stable")[:4]
+        assert table[order, columns["rank_exact"]].tolist() == [1.0, 2.0, 3.0, 4.0]
+        in_top = (table[order, columns["rank_atp"]] <= 4).float().mean()
+        assert record.scalars["recall_atp"] == pytest.approx(float(in_top))
+        # the largest false negative: the sampled cell outside AtP's top 4 with the largest |exact|
+        missed = [i for i in range(len(table)) if sampled[i] and table[i, columns["rank_atp"]] > 4]
+        worst = max(missed, key=lambda i: abs(exact[i]))
+        found = false_negative(record, "atp")
+        assert found["exact"] == exact[worst] and found["rank"] == int(table[worst, columns["rank_atp"]])
+    # figures (HTML only here) and the dataset summary
+    from nnexp.kinds.attribution_patching.figures import attribution_patching_figures
+
+    monkeypatch.setattr("nnexp.plotting.png_available", lambda: False)
+    written = {path.name for path in attribution_patching_figures(
+        ioi_atp(sites=("resid_post", "head_out")), results, tmp_path / "figures")}
+    assert {"scatter-atp.html", "scatter-atp-star.html", "mean-heads-atp.html", "example-0001-heads-atp-star.html"} \
+        <= written
+    page = (tmp_path / "figures" / "scatter-atp.html").read_text()
+    assert "AtP estimate vs exact patching effect" in page and "exact patching effect (normalised)" in page
+    rows = ioi_atp(sites=("resid_post", "head_out")).summary_rows(results)
+    measures = {row["role"] for row in rows if row["measure"] == "agreement with exact patching"}
+    assert {"recall_atp", "spearman_atp_star", "false_negative_atp"} <= measures
+    again = nnexp.run(ioi_atp(sites=("resid_post", "head_out"), top_k=4, sample=3), model, out=tmp_path / "b",
+                      figures=False)
+    other = nnexp.run(ioi_atp(sites=("resid_post", "head_out"), top_k=4, sample=3, sample_seed=5), model,
+                      out=tmp_path / "c", figures=False)
+    assert torch.equal(results.records[0]["verified"].values, again.records[0]["verified"].values)
+    assert not torch.equal(results.records[0]["verified"].values, other.records[0]["verified"].values)
+
+
+@pytest.mark.fast
+def test_spearman_matches_scipy():
+    from scipy.stats import rankdata, spearmanr
+
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 40):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        x[: n // 2] = np.round(x[: n // 2])  # ties
+        y[::3] = 1.0
+        assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+        assert np.allclose(average_ranks(x), rankdata(x))
+    assert math.isnan(spearman([1.0, 1.0], [1.0, 2.0])) and math.isnan(spearman([1.0], [2.0]))
+
+
+@pytest.mark.fast
+def test_bad_parameters_are_refused_in_one_line():
+    from nnexp.kinds.attribution_patching import AttributionPatchingExperiment
+
+    from nnexp.sites import RANKS, HookPoint, register_site
+
+    @register_site("test_atp_unsupported", "a user's site attribution patching does not screen", replace=True)
+    def _site(layer, arch):
+        return HookPoint(arch.block(layer), "input", None, (layer, RANKS["resid_pre"]))
+
+    with pytest.raises(ConfigError, match="not supported by attribution patching") as error:
+        AttributionPatchingExperiment(sites=("test_atp_unsupported",))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="must be 0 or more"):
+        AttributionPatchingExperiment(top_k=-1)
+    with pytest.raises(ConfigError, match="name a site twice"):
+        AttributionPatchingExperiment(sites=("mlp_out", "mlp_out"))
