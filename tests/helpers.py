@@ -40,7 +40,7 @@ def gpt2_tokenizer_dir() -> Path:
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Parallel test workers (pytest -n) may all ask at once: one fetches, the others wait.
+    # Concurrent test processes may all ask at once: one fetches, the others wait.
     with FileLock(CACHE / ".gpt2-tokenizer.lock"):
         if not (folder / "merges.txt").exists():
             _fetch_gpt2_tokenizer(folder)

@@ -54,7 +54,7 @@ def inseq_python() -> Path:
     stamp = folder / ".built"
     if stamp.exists():
         return python
-    # Parallel test workers (pytest -n) may all ask at once: one builds, the others wait.
+    # Concurrent test processes may all ask at once: one builds, the others wait.
     CACHE.mkdir(parents=True, exist_ok=True)
     with FileLock(CACHE / f".{folder.name}.lock"):
         if not stamp.exists():
