@@ -183,3 +183,51 @@ def test_bad_parameters_are_refused_in_one_line():
         AttributionPatchingExperiment(top_k=-1)
     with pytest.raises(ConfigError, match="name a site twice"):
         AttributionPatchingExperiment(sites=("mlp_out", "mlp_out"))
+
+
+# -- query, key and value cells, and AtP*'s QK fix --------------------------------------
+
+QKV = ("q", "k", "v")
+
+
+def _pair_ids(model, pair):
+    clean, corrupted = (model.tokenizer(text).input_ids for text in (pair.clean, pair.corrupted))
+    # (Gemma's tokenizer puts BOS before a lone word too)
+    answer, foil = (model.tokenizer(word, add_special_tokens=False).input_ids[0] for word in (pair.answer, pair.foil))
+    return clean, corrupted, answer, foil
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_query_key_value_estimates_and_qk_fix_match_independent_autograd(family, tmp_path):
+    """Plain AtP of every q, k, v cell, the signed QK-fixed estimate of every q and k cell,
+    and AtP* (QK fix with GradDrop) against an attention function written in the test,
+    rows recomputed one by one (GradDrop by L separate passes). Llama and Gemma 2 have
+    fewer key/value heads than query heads; Gemma 2 caps its attention logits."""
+    model = tiny_model(family, seed=3)
+    experiment = ioi_atp(sites=QKV, top_k=2, sample=1, n_examples=1)
+    results = nnexp.run(experiment, model, out=tmp_path / "run", figures=False)
+    record = results.records[0]
+    n_layers = model.arch.n_layers
+    assert record["k.atp"].values.shape[1] == model.arch.n_kv_heads
+    ids = _pair_ids(model, experiment.examples()[record.index])
+    plain = atp_reference.attention_estimates(model.hf, *ids)
+    star = atp_reference.attention_star(model.hf, *ids)
+    denominator = record.scalars["clean"] - record.scalars["corrupted"]
+    for site in QKV:
+        expected = {
+            "atp": torch.stack([plain[(site, layer)] for layer in range(n_layers)]).permute(0, 2, 1),
+            "atp_star": torch.stack([star[(site, layer)] for layer in range(n_layers)]).permute(0, 2, 1),
+        }
+        if site != "v":
+            expected["atp_qk"] = torch.stack([plain[(f"{site}_fix", layer)]
+                                              for layer in range(n_layers)]).permute(0, 2, 1)
+        heads = model.arch.n_heads if site == "q" else model.arch.n_kv_heads
+        for variant, reference in expected.items():
+            assert reference.shape[1] == heads
+            got = record[f"{site}.{variant}"].values.double() * (abs(denominator) if variant == "atp_star"
+                                                                  else denominator)
+            assert_close(got, reference, f"{family} {site} {variant}")
+    # the QK fix is a different estimate from AtP through the softmax (else the test above
+    # would not tell them apart)
+    gap = (record["q.atp_qk"].values - record["q.atp"].values).abs().max()
+    assert gap > 1e-3 * record["q.atp"].values.abs().max()
