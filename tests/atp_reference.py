@@ -257,11 +257,12 @@ def _qk_fix_direct(clean, corrupted, grad_z):
             base = torch.softmax(row(q[h, row_t], k[g]).masked_fill(mask, float("-inf")), -1)
             fixed = torch.softmax(row(q_clean[h, row_t], k[g]).masked_fill(mask, float("-inf")), -1)
             q_fix[row_t, h] = ((fixed - base) * d_pattern[row_t]).sum()
-            for s in range(t):
-                keys = k[g].clone()
-                keys[s] = k_clean[g, s]
-                moved = torch.softmax(row(q[h, row_t], keys).masked_fill(mask, float("-inf")), -1)
-                k_fix[s, g] += ((moved - base) * d_pattern[row_t]).sum()
+            # t copies of the keys, copy s with key s clean: row t of the pattern for each
+            keys = k[g].expand(t, t, -1).clone()
+            keys[torch.arange(t), torch.arange(t)] = k_clean[g]
+            moved = torch.softmax(_scores(q[h, row_t][None, None], keys, scaling, softcap)[:, 0]
+                                  .masked_fill(mask, float("-inf")), -1)  # [s (clean key), s']
+            k_fix[:, g] += ((moved - base) * d_pattern[row_t]).sum(-1)
     return q_fix, k_fix
 
 
