@@ -140,11 +140,12 @@ _ATTENTION_ARGS = {"q": 1, "k": 2, "v": 3}
 
 
 def _attention_input(site: str, layer: int, arch: Architecture) -> HookPoint:
-    function = arch.spec.attn_function
+    function = arch.attn_function
     if function is None:
         raise ModelError(
             f"site {site} needs the attention function call inside {arch.model_type}'s attention module "
-            "(Hugging Face's attention_interface), which this family does not make; set attn_function in its "
+            "(Hugging Face's attention_interface), which this model does not make (GPT-J; GPT-2 with eager "
+            "attention and reorder_and_upcast_attn); load it with SDPA attention, or set attn_function in its "
             "ArchSpec (nnexp/models/architectures.py) to the `.source` name of a call taking (module, query, key, "
             "value, attention_mask), or use head_out"
         )

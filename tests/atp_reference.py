@@ -204,14 +204,15 @@ def attention_estimates(model, clean, corrupted, answer, foil, drop_layer=None):
     handles = []
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([clean]), use_cache=False)
+            model(input_ids=torch.tensor([clean]), use_cache=False, logits_to_keep=1)
         clean_store = {layer: {n: x.clone() for n, x in entry.items() if torch.is_tensor(x)}
                        for layer, entry in attention.store.items()}
         handles = [] if drop_layer is None else [_drop_block(model, drop_layer)]
         handles.append(model.get_input_embeddings().register_forward_hook(
             lambda mod, args, output: output.requires_grad_(True)))
         with torch.enable_grad():
-            logits = model(input_ids=torch.tensor([corrupted]), use_cache=False).logits
+            # (the metric reads the last position only: its logits alone)
+            logits = model(input_ids=torch.tensor([corrupted]), use_cache=False, logits_to_keep=1).logits
             store = attention.store
             layers = sorted(store)
             wrt = [store[layer][n] for layer in layers for n in ("q", "k", "v", "z")]
@@ -244,25 +245,21 @@ def _qk_fix_direct(clean, corrupted, grad_z):
     group = heads // kv
     allowed, scaling, softcap = corrupted["allowed"], corrupted["scaling"], corrupted["softcap"]
 
-    def row(query_row, keys):  # one row of the pattern: [d], [s, d] -> [s]
-        scores = _scores(query_row[None], keys, scaling, softcap)[0]
-        return scores
-
     q_fix, k_fix = torch.zeros(t, heads, dtype=torch.float64), torch.zeros(t, kv, dtype=torch.float64)
+    blocked = ~allowed  # [t, s]
     for h in range(heads):
         g = h // group
-        d_pattern = grad_z.double()[0, h] @ v[g].T  # [t, s]
-        for row_t in range(t):
-            mask = ~allowed[row_t]
-            base = torch.softmax(row(q[h, row_t], k[g]).masked_fill(mask, float("-inf")), -1)
-            fixed = torch.softmax(row(q_clean[h, row_t], k[g]).masked_fill(mask, float("-inf")), -1)
-            q_fix[row_t, h] = ((fixed - base) * d_pattern[row_t]).sum()
-            # t copies of the keys, copy s with key s clean: row t of the pattern for each
-            keys = k[g].expand(t, t, -1).clone()
-            keys[torch.arange(t), torch.arange(t)] = k_clean[g]
-            moved = torch.softmax(_scores(q[h, row_t][None, None], keys, scaling, softcap)[:, 0]
-                                  .masked_fill(mask, float("-inf")), -1)  # [s (clean key), s']
-            k_fix[:, g] += ((moved - base) * d_pattern[row_t]).sum(-1)
+        d_pattern = grad_z.double()[0, h] @ v[g].T  # dM/dA, [t, s]
+        base = torch.softmax(_scores(q[h], k[g], scaling, softcap).masked_fill(blocked, float("-inf")), -1)
+        # every row with the clean query
+        fixed = torch.softmax(_scores(q_clean[h], k[g], scaling, softcap).masked_fill(blocked, float("-inf")), -1)
+        q_fix[:, h] = ((fixed - base) * d_pattern).sum(-1)
+        # every row t, with t copies of the keys, copy s with key s clean: [t, s (clean key), s']
+        keys = k[g].expand(t, t, -1).clone()
+        keys[torch.arange(t), torch.arange(t)] = k_clean[g]
+        scores = torch.stack([_scores(q[h, row_t][None], keys, scaling, softcap)[:, 0] for row_t in range(t)])
+        moved = torch.softmax(scores.masked_fill(blocked[:, None, :], float("-inf")), -1)
+        k_fix[:, g] += ((moved - base[:, None, :]) * d_pattern[:, None, :]).sum((0, 2))
     return q_fix, k_fix
 
 
@@ -286,7 +283,7 @@ def patched_attention_metric(model, clean, corrupted, answer, foil, site, layer,
     attention, previous = _with_reference_attention(model)
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([clean]), use_cache=False)
+            model(input_ids=torch.tensor([clean]), use_cache=False, logits_to_keep=1)
             source = attention.store[layer][site].clone()
 
             def swap(at, name, x):
@@ -297,7 +294,7 @@ def patched_attention_metric(model, clean, corrupted, answer, foil, site, layer,
                 return x
 
             attention.swap = swap
-            logits = model(input_ids=torch.tensor([corrupted]), use_cache=False).logits
+            logits = model(input_ids=torch.tensor([corrupted]), use_cache=False, logits_to_keep=1).logits
     finally:
         model.set_attn_implementation(previous)
     return float(_metric(logits, answer, foil)[0])

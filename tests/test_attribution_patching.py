@@ -304,6 +304,7 @@ def test_query_key_value_sites_are_refused_in_one_line():
 
     class Arch:  # a GPT-J-like architecture: no attention function call to reach
         model_type, spec, n_heads, n_kv_heads = "gptj", spec_for("gptj"), 4, 4
+        attn_function = spec_for("gptj").attn_function
 
         def block(self, layer):
             return f"transformer.h.{layer}"

@@ -210,6 +210,11 @@ class Architecture:
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.d_model: int = config.hidden_size
+        # the call whose inputs are the q, k, v sites; GPT-2 with eager attention and
+        # reorder_and_upcast_attn computes attention in a method of its own instead
+        self.attn_function: str | None = self.spec.attn_function
+        if getattr(config, "reorder_and_upcast_attn", False) and config._attn_implementation == "eager":
+            self.attn_function = None
         self.parallel_residual: bool = self.spec.parallel_residual and bool(
             getattr(config, "use_parallel_residual", True)
         )
