@@ -89,7 +89,8 @@ class AttributionPatchingExperiment(Experiment):
     Fields:
         sites: any of resid_pre, resid_post, attn_out, mlp_out, head_out, q, k, v;
             every layer x position (x head) of each is estimated.
-        layers, heads: the layers (and heads of head_out) to estimate (None = all).
+        layers, heads: the layers (and heads of the per-head sites) to estimate (None =
+            all; for k and v, heads are key/value heads, so named heads must exist there).
         metric: a metric of the answer and foil (default logit(answer) - logit(foil)).
         graddrop: also compute AtP*'s GradDrop score (one partial backward pass per layer).
         top_k: cells verified by exact patching per variant, by |estimate|.
