@@ -11,7 +11,9 @@ Contenders (every one on the same pair, medians over interleaved repetitions):
 - AtP screening: `select` of an `attribution-patching` experiment on head_out with
   graddrop off: one nnsight trace of [clean, corrupted], one backward pass.
 - AtP* screening: the same with GradDrop (one more partial backward pass per layer).
-  The QK fix is not implemented, so it is not part of this cost.
+- AtP and AtP* screening of head_out plus every q, k, v cell (per head, per kv head for
+  k and v): the same single trace, more cells, and for AtP* the QK fix of every query
+  and key cell (per GradDrop layer, recomputed from tensors already read: no forward).
 - exact sweep: activation patching of every layer x head x position cell outside the
   shared prefix (`PatchingExperiment(sites=("head_out",), head_positions="each")`),
   in traces of `--atp-rows` rows; unless `--atp-exact-traces 0`, only the first few
@@ -38,6 +40,9 @@ def run(model, args, folder) -> list[Table]:
     device = model.device
     atp = AttributionPatchingExperiment(sites=("head_out",), graddrop=False).compile(model)
     star = AttributionPatchingExperiment(sites=("head_out",), graddrop=True).compile(model)
+    qkv = ("head_out", "q", "k", "v")
+    atp_qkv = AttributionPatchingExperiment(sites=qkv, graddrop=False).compile(model)
+    star_qkv = AttributionPatchingExperiment(sites=qkv, graddrop=True).compile(model)
     item = atp.prepare(PAIR, 0)
     pair = item.patch.pair
     both = torch.tensor([pair.clean_ids, pair.corrupted_ids], device=device)
@@ -66,7 +71,8 @@ def run(model, args, folder) -> list[Table]:
         model.executor.run(timed)
 
     times = time_interleaved({"pair": forward(both), "one": forward(both[1:]), "atp": screen(atp),
-                              "star": screen(star)}, args.reps, device)
+                              "star": screen(star), "atp_qkv": screen(atp_qkv), "star_qkv": screen(star_qkv)},
+                             args.reps, device)
     # the sweep is long: fewer repetitions (its rows all cost the same, so its noise is small)
     times["sweep"] = time_interleaved({"sweep": sweep}, max(1, min(args.reps, 2)), device, warmup=0)["sweep"]
     sweep_time = times["sweep"] * total_rows / timed_rows
@@ -79,8 +85,12 @@ def run(model, args, folder) -> list[Table]:
     table.add("one plain forward of one prompt (1 row)", times["one"], ratio(times["one"], unit), "")
     table.add("AtP screening (1 trace: forward of the pair + 1 backward)", times["atp"],
               ratio(times["atp"], unit), f"{sweep_time / times['atp']:.1f}x faster")
-    table.add(f"AtP* screening (GradDrop: + {model.arch.n_layers} partial backward passes; no QK fix)",
+    table.add(f"AtP* screening (GradDrop: + {model.arch.n_layers} partial backward passes)",
               times["star"], ratio(times["star"], unit), f"{sweep_time / times['star']:.1f}x faster")
+    table.add("AtP screening of head_out and every q, k, v cell (1 trace)", times["atp_qkv"],
+              ratio(times["atp_qkv"], unit), "")
+    table.add("AtP* screening of head_out and every q, k, v cell (GradDrop, QK fix of every q and k cell)",
+              times["star_qkv"], ratio(times["star_qkv"], unit), "")
     scaled = "" if timed_rows == total_rows else f", scaled from {timed_rows} rows timed"
     table.add(f"exact sweep, nnexp activation patching ({total_rows} rows in traces of {args.atp_rows}{scaled})",
               sweep_time, ratio(sweep_time, unit), "1.00x")
@@ -90,5 +100,6 @@ def run(model, args, folder) -> list[Table]:
         "screening times include building the nnsight trace and returning every cell's estimate to the CPU",
         "exact sweep: cells inside the prefix the prompts share are not run (exact no-ops); prefix sharing has not "
         "landed",
+        "the q, k, v rows have no exact sweep of their own here: the 'vs' column compares head_out sweeps only",
     ]
     return [table]

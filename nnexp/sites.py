@@ -11,6 +11,11 @@ architecture table, so experiments never mention a module path:
 | `mlp_out`    | what the MLP adds to the residual stream in block L          | `hook_mlp_out`   |
 | `head_out`   | each head's output before the attention output projection,   | `hook_z`         |
 |              | [..., head, head_dim] (the input of o_proj / c_proj, split)  |                  |
+| `q`          | each head's query as attention uses it (after any RoPE and   | `hook_q`         |
+|              | q_norm): the input of the attention function                 |                  |
+| `k`, `v`     | each key/value head's key (after RoPE, k_norm) and value, as | `hook_k`,`hook_v`|
+|              | the attention function gets them: with grouped-query         |                  |
+|              | attention these have the model's kv heads, fewer than `q`'s  |                  |
 
 For Gemma 2/3, `attn_out` and `mlp_out` are the outputs of the post-attention and
 post-feedforward norms: what is actually added to the residual stream.
@@ -20,6 +25,13 @@ and the architecture giving its hook point). `resolve_site` turns (site, layer) 
 input or output is meant, the tuple index of the tensor, and an order key that sorts
 hook points in the order the forward pass computes them (nnsight requires values to
 be requested in that order within one invoke).
+
+`q`, `k` and `v` are not module inputs but the inputs of the attention function call
+inside the attention module (`ArchSpec.attn_function`, reached through nnsight's
+`.source`), laid out [batch, heads, tokens, head_dim]. Their hook points say so
+(`io="operation_input"`, `operation`, and the argument's index `index`); trace bodies
+read them as [batch, tokens, heads * head_dim] like every site and write edits back
+into the call's inputs (`nnexp.tracing.execute`).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .models.architectures import Architecture
 from .registry import Registry
 
@@ -37,11 +49,16 @@ class HookPoint:
 
     Attributes:
         module: dotted module path from the root of the HF model.
-        io: "input" (first positional input), "output", or "attention_mask" (the
-            `attention_mask` keyword input of an attention module).
-        index: tuple index of the tensor within the output, or None.
+        io: "input" (first positional input), "output", "attention_mask" (the
+            `attention_mask` keyword input of an attention module), or
+            "operation_input" (a positional input of the call `operation` inside the
+            module's forward, reached through nnsight's `.source`).
+        index: tuple index of the tensor within the output (or, for
+            "operation_input", the positional argument's index), or None.
         order: sort key giving the forward pass's order of computation.
         n_heads: for head sites, the number of heads the last dimension splits into.
+        operation: for "operation_input", the name of the call in the module's
+            `.source` (e.g. "attention_interface_1").
     """
 
     module: str
@@ -49,12 +66,16 @@ class HookPoint:
     index: int | None
     order: tuple[int, int]
     n_heads: int | None = None
+    operation: str | None = None
 
 
 # Within a block, the order in which the forward pass produces each site ("attn_mask":
 # the attention module's input mask, edited by attention knockout). A site of one's own
 # takes a rank between these (e.g. 3.5: after attention's output, before the MLP's).
-RANKS = {"resid_pre": 0, "attn_mask": 1, "head_out": 2, "attn_out": 3, "mlp_out": 4, "resid_post": 5}
+# q, k, v: the attention function's inputs, after the module's input (and mask), before
+# the output projection's input; one call, so they sit together.
+RANKS = {"resid_pre": 0, "attn_mask": 1, "q": 1.3, "k": 1.4, "v": 1.5, "head_out": 2, "attn_out": 3, "mlp_out": 4,
+         "resid_post": 5}
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,43 @@ def _head_out(layer: int, arch: Architecture) -> HookPoint:
                      n_heads=arch.n_heads)
 
 
+# the positional arguments of an HF attention function: (module, query, key, value, attention_mask)
+_ATTENTION_ARGS = {"q": 1, "k": 2, "v": 3}
+
+
+def _attention_input(site: str, layer: int, arch: Architecture) -> HookPoint:
+    function = arch.attn_function
+    if function is None:
+        raise ModelError(
+            f"site {site} needs the attention function call inside {arch.model_type}'s attention module "
+            "(Hugging Face's attention_interface), which this model does not make (GPT-J; GPT-2 with eager "
+            "attention and reorder_and_upcast_attn); load it with SDPA attention, or set attn_function in its "
+            "ArchSpec (nnexp/models/architectures.py) to the `.source` name of a call taking (module, query, key, "
+            "value, attention_mask), or use head_out"
+        )
+    heads = arch.n_heads if site == "q" else arch.n_kv_heads
+    return HookPoint(f"{arch.block(layer)}.{arch.spec.attn}", "operation_input", _ATTENTION_ARGS[site],
+                     (layer, RANKS[site]), n_heads=heads, operation=function)
+
+
+@register_site("q", "per-head query as the attention function gets it (after RoPE / q_norm; TransformerLens hook_q)",
+               per_head=True)
+def _q(layer: int, arch: Architecture) -> HookPoint:
+    return _attention_input("q", layer, arch)
+
+
+@register_site("k", "per-kv-head key as the attention function gets it (after RoPE / k_norm); heads are the "
+               "model's key/value heads (fewer than its query heads with grouped-query attention)", per_head=True)
+def _k(layer: int, arch: Architecture) -> HookPoint:
+    return _attention_input("k", layer, arch)
+
+
+@register_site("v", "per-kv-head value as the attention function gets it; heads are the model's key/value heads "
+               "(fewer than its query heads with grouped-query attention)", per_head=True)
+def _v(layer: int, arch: Architecture) -> HookPoint:
+    return _attention_input("v", layer, arch)
+
+
 def check_site(site: str) -> str:
     SITES.get(site)
     return site
@@ -167,5 +225,15 @@ def check_layers(layers, arch: Architecture) -> list[int]:
     return _check_indices(layers, arch.n_layers, "layer", "layers")
 
 
-def check_heads(heads, arch: Architecture) -> list[int]:
+def site_heads(site: str, arch: Architecture) -> int:
+    """How many heads a per-head site has: the query heads, or for `k` and `v` the
+    key/value heads (fewer with grouped-query attention)."""
+    return arch.n_kv_heads if site in ("k", "v") else arch.n_heads
+
+
+def check_heads(heads, arch: Architecture, site: str | None = None) -> list[int]:
+    """A head selection for `site` (by default any site with the model's query heads)."""
+    if site is not None and site_heads(site, arch) != arch.n_heads:
+        return _check_indices(heads, site_heads(site, arch), "head",
+                              f"key/value heads per layer (site {site} has the key/value heads)")
     return _check_indices(heads, arch.n_heads, "head", "attention heads per layer")

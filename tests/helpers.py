@@ -220,7 +220,9 @@ def kind_experiments(tmp_path, tokenizer) -> dict:
         "sublayer-knockout": EXPERIMENTS["sublayer-knockout"](data=facts, ablation="mean", window=2),
         "causal-tracing": EXPERIMENTS["causal-tracing"](data=facts, samples=2, window=2),
         "interventions": EXPERIMENTS["activation-addition"](layers=(0, 2), coefficients=(-2.0, 0.0, 3.0)),
-        "attribution-patching": EXPERIMENTS["ioi-attribution-patching"](sites=("resid_post", "head_out"),
+        # with q, k, v: their exact patching (the attention call's inputs set) goes through every
+        # backend, the NDIF test server and the memory budget's split with the rest
+        "attribution-patching": EXPERIMENTS["ioi-attribution-patching"](sites=("resid_post", "head_out", "q", "k", "v"),
                                                                         n_examples=2, top_k=6, sample=4),
     }
 

@@ -183,3 +183,142 @@ def test_bad_parameters_are_refused_in_one_line():
         AttributionPatchingExperiment(top_k=-1)
     with pytest.raises(ConfigError, match="name a site twice"):
         AttributionPatchingExperiment(sites=("mlp_out", "mlp_out"))
+
+
+# -- query, key and value cells, and AtP*'s QK fix --------------------------------------
+
+QKV = ("q", "k", "v")
+
+
+def _pair_ids(model, pair):
+    clean, corrupted = (model.tokenizer(text).input_ids for text in (pair.clean, pair.corrupted))
+    # (Gemma's tokenizer puts BOS before a lone word too)
+    answer, foil = (model.tokenizer(word, add_special_tokens=False).input_ids[0] for word in (pair.answer, pair.foil))
+    return clean, corrupted, answer, foil
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_query_key_value_estimates_and_qk_fix_match_independent_autograd(family, tmp_path):
+    """Plain AtP of every q, k, v cell, the signed QK-fixed estimate of every q and k cell,
+    and AtP* (QK fix with GradDrop) against an attention function written in the test,
+    rows recomputed one by one (GradDrop by L separate passes). Llama and Gemma 2 have
+    fewer key/value heads than query heads; Gemma 2 caps its attention logits."""
+    model = tiny_model(family, seed=3)
+    experiment = ioi_atp(sites=QKV, top_k=2, sample=1, n_examples=1)
+    results = nnexp.run(experiment, model, out=tmp_path / "run", figures=False)
+    record = results.records[0]
+    n_layers = model.arch.n_layers
+    assert record["k.atp"].values.shape[1] == model.arch.n_kv_heads
+    ids = _pair_ids(model, experiment.examples()[record.index])
+    plain = atp_reference.attention_estimates(model.hf, *ids)
+    star = atp_reference.attention_star(model.hf, *ids)
+    denominator = record.scalars["clean"] - record.scalars["corrupted"]
+    for site in QKV:
+        expected = {
+            "atp": torch.stack([plain[(site, layer)] for layer in range(n_layers)]).permute(0, 2, 1),
+            "atp_star": torch.stack([star[(site, layer)] for layer in range(n_layers)]).permute(0, 2, 1),
+        }
+        if site != "v":
+            expected["atp_qk"] = torch.stack([plain[(f"{site}_fix", layer)]
+                                              for layer in range(n_layers)]).permute(0, 2, 1)
+        heads = model.arch.n_heads if site == "q" else model.arch.n_kv_heads
+        for variant, reference in expected.items():
+            assert reference.shape[1] == heads
+            got = record[f"{site}.{variant}"].values.double() * (abs(denominator) if variant == "atp_star"
+                                                                  else denominator)
+            assert_close(got, reference, f"{family} {site} {variant}")
+    # the QK fix is a different estimate from AtP through the softmax (else the test above
+    # would not tell them apart)
+    gap = (record["q.atp_qk"].values - record["q.atp"].values).abs().max()
+    assert gap > 1e-3 * record["q.atp"].values.abs().max()
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return torch.zeros_like(x)
+
+
+def test_qk_fix_equals_exact_patching_where_the_metric_is_linear_in_the_pattern(tmp_path):
+    """The QK fix is exact for the attention pattern: in the last block of a float64 GPT-2
+    whose final norm is removed and whose last MLP adds nothing, the metric (at the last
+    position) is linear in that block's pattern row of the last position, so the QK-fixed
+    estimate of every query and key cell there equals exact patching of that cell through
+    nnexp's planner, while AtP through the softmax does not."""
+    from nnexp import wrap_model
+
+    hf = tiny_hf_model("gpt2", seed=4)
+    hf.transformer.ln_f = torch.nn.Identity()
+    hf.transformer.h[-1].mlp = _Zero()
+    with torch.no_grad():  # sharper patterns in that block: larger effects, further from linear in q and k
+        hf.transformer.h[-1].attn.c_attn.weight[:, : 2 * hf.config.n_embd] *= 4
+    hf.double()
+    model = wrap_model(hf, make_gpt2_tokenizer(), "tiny-gpt2-linear-pattern", {"kind": "test", "family": "gpt2"})
+    last = model.arch.n_layers - 1
+    experiment = ioi_atp(sites=("q", "k"), layers=(last,), top_k=200, sample=0, n_examples=1, graddrop=False)
+    record = nnexp.run(experiment, model, out=tmp_path / "atp", figures=False).records[0]
+    assert record.scalars["n_verified"] == record.scalars["n_cells"] > 0
+    plain_gap = 0.0
+    for site in ("q", "k"):
+        exact = record[f"{site}.exact"].values
+        known = ~torch.isnan(exact)
+        assert known.sum() > 0
+        # (the exact effects come from float32 metrics: 1e-6 is their resolution here)
+        assert_close(record[f"{site}.atp_qk"].values[known], exact[known], f"QK fix vs exact, {site}", atol=1e-6)
+        plain_gap = max(plain_gap, float((record[f"{site}.atp"].values - exact)[known].abs().max()))
+    print("largest |AtP - exact| over the q, k cells:", plain_gap)
+    assert plain_gap > 1e-5, "AtP through the softmax is exact too: the check would prove nothing"
+
+
+def test_exact_patching_of_query_key_value_cells_matches_hooks(tmp_path):
+    """The verified q, k, v cells' patched metrics (nnexp's planner, several cells per
+    trace, here and through nnsight's remote serialisation) against the reference
+    attention function with the clean value put in, on Llama with 2 key/value heads
+    for 4 query heads."""
+    model = tiny_model("llama", seed=5)
+    experiment = ioi_atp(sites=QKV, top_k=3, sample=3, n_examples=1)
+    record = nnexp.run(experiment, model, out=tmp_path / "run", figures=False).records[0]
+    remote = nnexp.run(experiment, model, out=tmp_path / "remote", figures=False, backend="remote-local").records[0]
+    ids = _pair_ids(model, experiment.examples()[record.index])
+    for site in QKV:
+        assert torch.allclose(record[f"{site}.exact.patched"].values, remote[f"{site}.exact.patched"].values,
+                              equal_nan=True, atol=1e-5)
+    columns = {name: i for i, name in enumerate(FIELDS)}
+    table = record["verified"].values
+    assert len(table) >= 6
+    patched, expected = [], []
+    for row in table.tolist():
+        site = QKV[int(row[columns["site"]])]
+        layer, head, position = (int(row[columns[name]]) for name in ("layer", "head", "position"))
+        patched.append(float(record[f"{site}.exact.patched"].values[layer, head, position]))
+        expected.append(atp_reference.patched_attention_metric(model.hf, *ids, site, layer, head, position))
+    assert_close(torch.tensor(patched), torch.tensor(expected), "patched q/k/v metrics")
+    corrupted = record.scalars["corrupted"]
+    assert max(abs(value - corrupted) for value in expected) > 1e-4  # the patches change the metric
+
+
+@pytest.mark.fast
+def test_query_key_value_sites_are_refused_in_one_line():
+    from nnexp.errors import ModelError
+    from nnexp.models.architectures import spec_for
+    from nnexp.sites import check_heads, resolve_site
+
+    class Arch:  # a GPT-J-like architecture: no attention function call to reach
+        model_type, spec, n_heads, n_kv_heads = "gptj", spec_for("gptj"), 4, 4
+        attn_function = spec_for("gptj").attn_function
+
+        def block(self, layer):
+            return f"transformer.h.{layer}"
+
+    with pytest.raises(ModelError, match="gptj.*attn_function") as error:
+        resolve_site("q", 0, Arch())
+    assert "\n" not in str(error.value)
+    gqa = Arch()
+    gqa.n_kv_heads = 2
+    assert check_heads(None, gqa, "k") == [0, 1] and check_heads(None, gqa, "q") == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="head 3 is out of range.*key/value heads") as error:
+        check_heads([3], gqa, "v")
+    assert "\n" not in str(error.value)
+    # forward order: after the block's input and the attention mask, before the head outputs
+    from nnexp.sites import RANKS
+
+    assert RANKS["resid_pre"] < RANKS["attn_mask"] < RANKS["q"] < RANKS["k"] < RANKS["v"] < RANKS["head_out"]

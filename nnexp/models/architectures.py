@@ -58,6 +58,11 @@ class ArchSpec:
         post_sublayer_norms: True where attention and MLP outputs pass through an
             extra norm before joining the residual (Gemma 2/3); `attn_out` and
             `mlp_out` then point at those norms.
+        attn_function: the name, in nnsight's `.source` of the attention module, of
+            its call of the attention function (module, query [b, heads, t, d],
+            key and value [b, kv_heads, t, d], attention_mask, scaling=...), whose
+            inputs are the `q`, `k`, `v` sites; None where the family makes no such
+            call (GPT-J calls its own `_attn`).
     """
 
     model_types: tuple[str, ...]
@@ -77,6 +82,7 @@ class ArchSpec:
     parallel_residual: bool = False
     post_sublayer_norms: bool = False
     pos_embed: str | None = None
+    attn_function: str | None = "attention_interface_1"
 
 
 _LLAMA_LIKE = dict(
@@ -129,6 +135,7 @@ ARCHITECTURES: list[ArchSpec] = [
         unembed="lm_head",
         norm="layernorm",
         parallel_residual=True,
+        attn_function=None,
     ),
     ArchSpec(
         model_types=("gpt_neox",),
@@ -203,6 +210,11 @@ class Architecture:
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.d_model: int = config.hidden_size
+        # the call whose inputs are the q, k, v sites; GPT-2 with eager attention and
+        # reorder_and_upcast_attn computes attention in a method of its own instead
+        self.attn_function: str | None = self.spec.attn_function
+        if getattr(config, "reorder_and_upcast_attn", False) and config._attn_implementation == "eager":
+            self.attn_function = None
         self.parallel_residual: bool = self.spec.parallel_residual and bool(
             getattr(config, "use_parallel_residual", True)
         )

@@ -73,7 +73,11 @@ def plan_body(nn, edits, metrics, inputs, offsets, shape):
     when the plan reads activations, {"metrics": [rows, metrics], "reads": {key: values}}."""
     rows, tokens = shape
     reads = {}
-    for point, point_edits in edits:
+    for group in _operation_groups(edits):
+        if group[0][0].io == "operation_input":
+            _edit_operation_inputs(nn, group, rows, tokens, reads)
+            continue
+        point, point_edits = group[0]
         envoy = nn.get(point.module)
         if point.io == "attention_mask":
             args, kwargs = envoy.inputs
@@ -120,6 +124,91 @@ def plan_body(nn, edits, metrics, inputs, offsets, shape):
     return {"metrics": values, "reads": reads} if reads else values
 
 
+# -- inputs of a call inside a module (the q, k, v sites) ---------------------------------
+# The attention function's query, key and value are [batch, heads, tokens, head_dim]. A
+# body sees them as [batch, tokens, heads * head_dim] (a copy), so that positions index
+# dim 1 and head slices are the last dimension's blocks, as at every other site; edits
+# are written back by setting the call's inputs, which the model then uses.
+
+
+def heads_to_features(x: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, tokens, d] -> [batch, tokens, heads * d] (a new tensor)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+
+
+def features_to_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, tokens, heads * d] -> [batch, heads, tokens, d]."""
+    return x.reshape(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2).contiguous()
+
+
+def _operation_groups(edits):
+    """The plan's (point, edits) in order, the points that are inputs of one call (a
+    layer's q, k and v) together: the call's inputs are read and set once."""
+    groups = []
+    for point, point_edits in edits:
+        previous = groups[-1][0][0] if groups else None
+        if (point.io == "operation_input" and previous is not None and previous.io == "operation_input"
+                and (previous.module, previous.operation) == (point.module, point.operation)):
+            groups[-1].append((point, point_edits))
+        else:
+            groups.append([(point, point_edits)])
+    return groups
+
+
+def operation_call(nn, point: HookPoint):
+    """The envoy of the call `point.operation` inside `point.module`'s forward."""
+    source = nn.get(point.module).source
+    try:
+        return getattr(source, point.operation)
+    except AttributeError:
+        raise ModelError(
+            f"{point.module} makes no call named {point.operation} in its forward (nnsight .source), so nnexp "
+            "cannot reach its query/key/value; correct attn_function in the model's ArchSpec "
+            "(nnexp/models/architectures.py)"
+        ) from None
+
+
+def _operation_tensor(args, point: HookPoint, rows: int, tokens: int) -> torch.Tensor:
+    if len(args) <= point.index:
+        raise ModelError(
+            f"{point.module}.{point.operation} got {len(args)} positional inputs, not (module, query, key, value, "
+            "...); correct attn_function in the model's ArchSpec (nnexp/models/architectures.py)"
+        )
+    x = args[point.index]
+    if x.dim() != 4 or tuple(x.shape[:3:2]) != (rows, tokens) or x.shape[1] != point.n_heads:
+        raise ModelError(
+            f"{point.module}.{point.operation} input {point.index} has shape {list(x.shape)}, not [{rows} rows, "
+            f"{point.n_heads} heads, {tokens} tokens, head_dim]; correct attn_function in the model's ArchSpec "
+            "(nnexp/models/architectures.py)"
+        )
+    return x
+
+
+def _edit_operation_inputs(nn, group, rows, tokens, reads) -> None:
+    first = group[0][0]
+    call = operation_call(nn, first)
+    args, kwargs = call.inputs
+    args = list(args)
+    for point, point_edits in group:
+        x = heads_to_features(_operation_tensor(args, point, rows, tokens))
+        for edit in point_edits:
+            read = edit.to(x.device).apply(x, point)
+            if read is not None:
+                reads[edit.key] = read
+        args[point.index] = features_to_heads(x, point.n_heads)
+    call.inputs = (tuple(args), kwargs)
+
+
+def read_point(nn, point: HookPoint, rows: int, tokens: int) -> torch.Tensor:
+    """The tensor at `point` for reading, laid out [rows, tokens, ...] (q, k, v as
+    [rows, tokens, heads * head_dim], a copy)."""
+    if point.io == "operation_input":
+        args, _ = operation_call(nn, point).inputs
+        return heads_to_features(_operation_tensor(args, point, rows, tokens))
+    value = nn.get(point.module).output if point.io == "output" else nn.get(point.module).input
+    return value if point.index is None else value[point.index]
+
+
 def run_plans(model, plans: list[TracePlan]) -> list[torch.Tensor]:
     """Execute `plans` on `model` (an `nnexp.models.Model`), all in one request when
     the model is remote; return the metric per row of each plan, on the CPU: [rows],
@@ -145,11 +234,8 @@ def positions_body(nn, points, positions, shape, logits="all") -> dict:
     rows, tokens = shape
     saved = {}
     for key, point in points:
-        envoy = nn.get(point.module)
-        value = envoy.output if point.io == "output" else envoy.input
         # A position embedding may come back as [1, tokens, d] and broadcast.
-        tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens,
-                          broadcast_rows=positions is None)
+        tensor = _checked(read_point(nn, point, rows, tokens), point, rows, tokens, broadcast_rows=positions is None)
         if positions is None:
             picked = tensor[:, -1]
         else:
@@ -203,9 +289,7 @@ def sums_body(nn, points, weights, shape) -> dict:
     rows, tokens = shape
     sums = {}
     for key, point in points:
-        envoy = nn.get(point.module)
-        value = envoy.output if point.io == "output" else envoy.input
-        tensor = _checked(value if point.index is None else value[point.index], point, rows, tokens)
+        tensor = _checked(read_point(nn, point, rows, tokens), point, rows, tokens)
         w = weights.to(tensor.device).float().unsqueeze(-1)
         sums[key] = (tensor.float() * w).sum((0, 1)).cpu()
     return sums
@@ -255,6 +339,9 @@ def _gradient_x_activation(nn, embed, points, metric, answer, foil, keep_hidden,
     nn.get(embed).output.requires_grad_(True)
     activations = []
     for _, point in points:
+        if point.io == "operation_input":
+            raise ModelError(f"gradient attribution reads module tensors, not the attention function's inputs "
+                             f"({point.module}.{point.operation}); use attribution patching for the q, k, v sites")
         envoy = nn.get(point.module)
         value = envoy.output if point.io == "output" else envoy.input
         activations.append(_checked(value if point.index is None else value[point.index], point, rows, tokens))

@@ -43,8 +43,11 @@ Stored per example:
   verified cells and `false_negative_rank_{v}` its rank by v's estimate (NaN when the
   sample is empty); `false_negative(record, variant)` gives its cell and exact effect.
 
-Not implemented: AtP*'s QK fix (recomputing the attention softmax for query and key
-cells) and per-head query/key/value sites; see README.
+Sites `q`, `k`, `v` (per head; k and v per key/value head) are screened by plain AtP
+(`{site}.atp`); AtP* of `q` and `k` cells is the QK fix with GradDrop, and
+`{q,k}.atp_qk` stores the signed QK-fixed estimate with the plain gradient (not
+ranked; `screening.py` says exactly what is computed). They are verified by exact
+patching of the call's input like every cell.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ from ...tracing.runs import Run, RunEdit, build_plan, pack_runs
 from ..patching.experiment import PatchingExperiment
 from .screening import screening_job
 
-ATP_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
+ATP_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "q", "k", "v")
 FIELDS = ("site", "layer", "head", "position", "sampled", "rank_atp", "rank_atp_star", "rank_exact")
 
 
@@ -84,9 +87,10 @@ class AttributionPatchingExperiment(Experiment):
     the top cells and a random sample exactly.
 
     Fields:
-        sites: any of resid_pre, resid_post, attn_out, mlp_out, head_out; every layer
-            x position (x head) of each is estimated.
-        layers, heads: the layers (and heads of head_out) to estimate (None = all).
+        sites: any of resid_pre, resid_post, attn_out, mlp_out, head_out, q, k, v;
+            every layer x position (x head) of each is estimated.
+        layers, heads: the layers (and heads of the per-head sites) to estimate (None =
+            all; for k and v, heads are key/value heads, so named heads must exist there).
         metric: a metric of the answer and foil (default logit(answer) - logit(foil)).
         graddrop: also compute AtP*'s GradDrop score (one partial backward pass per layer).
         top_k: cells verified by exact patching per variant, by |estimate|.
@@ -186,6 +190,11 @@ class CompiledAttributionPatching(CompiledExperiment):
         self.cell_points = sorted(points, key=lambda entry: entry[1].order)
         self.block_points = [(resolve_site("resid_pre", layer, arch), resolve_site("resid_post", layer, arch))
                              for layer in range(arch.n_layers)]
+        # the QK fix's layers: their q, k, v and head_out hook points, and which cells it fixes
+        fixed = [site for site in ("q", "k") if site in experiment.sites]
+        self.attention = [(layer, {name: resolve_site(site, layer, arch) for name, site in
+                                   (("q", "q"), ("k", "k"), ("v", "v"), ("z", "head_out"))},
+                           {site: f"{site}.{layer}" for site in fixed}) for layer in self.layers] if fixed else []
 
     # -- preparing and screening -------------------------------------------------------
 
@@ -199,10 +208,13 @@ class CompiledAttributionPatching(CompiledExperiment):
             chunk = todo[start : start + batch]
             jobs = [screening_job(self.model, item.patch.pair.clean_ids, item.patch.pair.corrupted_ids,
                                   self.cell_points, self.block_points, self.experiment.metric,
-                                  item.patch.pair.answer_id, item.patch.pair.foil_id, self.experiment.graddrop)
+                                  item.patch.pair.answer_id, item.patch.pair.foil_id, self.experiment.graddrop,
+                                  self.attention)
                     for item in chunk]
             for item, out in zip(chunk, self.model.executor.run(jobs)):
                 item.estimates = {variant: self._site_tensors(out[variant]) for variant in self.experiment.variants}
+                if "atp_qk" in out:
+                    item.estimates["atp_qk"] = self._site_tensors(out["atp_qk"])
                 item.screened = out["metric"].tolist()
         return items
 
@@ -211,9 +223,11 @@ class CompiledAttributionPatching(CompiledExperiment):
         [layer, head, position], for the experiment's layers and heads."""
         out = {}
         for site in self.experiment.sites:
+            if f"{site}.{self.layers[0]}" not in values:
+                continue  # atp_qk: query and key sites only
             stacked = torch.stack([values[f"{site}.{layer}"] for layer in self.layers]).float()
             if stacked.dim() == 3:  # [layer, position, head] -> [layer, head, position]
-                stacked = stacked.permute(0, 2, 1)[:, self.heads]
+                stacked = stacked.permute(0, 2, 1)[:, self.patching.site_heads[site]]
             out[site] = stacked
         return out
 
@@ -305,6 +319,8 @@ class CompiledAttributionPatching(CompiledExperiment):
             for variant in experiment.variants:
                 tensors[f"{site}.{variant}"] = LabelledTensor(item.estimates[variant][site] / scale[variant], dims,
                                                               coords)
+            if site in item.estimates.get("atp_qk", {}):
+                tensors[f"{site}.atp_qk"] = LabelledTensor(item.estimates["atp_qk"][site] / denominator, dims, coords)
             raw = torch.full(item.estimates["atp"][site].shape, math.nan)
             for cell_id, value in patched.items():
                 cell = item.patch.cells[cell_id]

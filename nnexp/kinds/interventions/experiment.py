@@ -42,7 +42,7 @@ from ...interventions import (EDITS, Activation, Apply, Block, EditFunction, Giv
 from ...labelled import LabelledTensor
 from ...metrics import get_metric
 from ...results import ExampleRecord
-from ...sites import SITES, attention_mask_point, check_heads, check_layers, is_per_head, resolve_site
+from ...sites import SITES, attention_mask_point, check_heads, check_layers, is_per_head, resolve_site, site_heads
 from ...tracing.execute import plan_job, read_positions, sum_over_tokens
 from ...tracing.jobs import function_modules
 from ...tracing.memory import DEFAULT_MEMORY_BUDGET, forward_bytes_per_row, row_cost, rows_for_budget
@@ -177,7 +177,8 @@ class CompiledInterventions(CompiledExperiment):
 
     def width(self, site: str, per_head_slice: bool) -> int:
         if is_per_head(site):
-            return self.shape.head_dim if per_head_slice else self.shape.head_dim * self.shape.n_heads
+            # k and v have the key/value heads (fewer with grouped-query attention)
+            return self.shape.head_dim if per_head_slice else self.shape.head_dim * site_heads(site, self.model.arch)
         return self.shape.d_model
 
     def _layers(self, layers, where: str) -> list[int]:
@@ -193,7 +194,7 @@ class CompiledInterventions(CompiledExperiment):
             raise ConfigError(f"{where}: heads are given for site {site!r}, which is not split into heads; "
                               "use a per-head site (head_out) or leave heads unset")
         try:
-            return check_heads([heads] if isinstance(heads, int) else list(heads), self.model.arch)
+            return check_heads([heads] if isinstance(heads, int) else list(heads), self.model.arch, site)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
 

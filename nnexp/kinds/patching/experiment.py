@@ -158,6 +158,10 @@ class CompiledPatching(CompiledExperiment):
         arch = model.arch
         self.layers = check_layers(None if experiment.layers is None else list(experiment.layers), arch)
         self.heads = check_heads(None if experiment.heads is None else list(experiment.heads), arch)
+        # per head site its heads: k and v have the key/value heads (fewer with grouped-query
+        # attention), so all of them when no heads are named, else the named ones, checked
+        self.site_heads = {site: check_heads(None if experiment.heads is None else list(experiment.heads), arch, site)
+                           for site in experiment.sites if is_per_head(site)}
         self.points = {
             (site, layer): resolve_site(site, layer, arch) for site in experiment.sites for layer in self.layers
         }
@@ -193,13 +197,13 @@ class CompiledPatching(CompiledExperiment):
             dims: tuple[str, ...] = ("layer", "head") if is_head else ("layer",)
             coords: dict[str, list] = {"layer": list(self.layers)}
             if is_head:
-                coords["head"] = list(self.heads)
+                coords["head"] = list(self.site_heads[site])
             if position_labels is not None:
                 dims += ("position",)
                 coords["position"] = position_labels
             axes[site] = (dims, coords)
             for li, layer in enumerate(self.layers):
-                for hi, head in enumerate(self.heads if is_head else [None]):
+                for hi, head in enumerate(self.site_heads[site] if is_head else [None]):
                     for pi, positions in enumerate(groups):
                         key = (li,) + ((hi,) if is_head else ()) + ((pi,) if position_labels is not None else ())
                         cells.append(_Cell(site, key, layer, positions, head, needs_run=max(positions) >= shared))
