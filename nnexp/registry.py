@@ -183,14 +183,25 @@ def include(path: str | Path):
         raise ConfigError(f"--include {text} failed to import: {type(error).__name__}: {error}") from None
 
 
+def _module_from_file(path: Path):
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == path:
+            return module
+    return None
+
+
 def import_file(path: Path, package: bool = False):
     """Import a Python file as a module named after it (`capitals.py` -> `capitals`), or
     under a private name when that name is taken by another module."""
     path = path.resolve()
+    # A file already imported under any name (a test module, `pkg.mod`) is that module:
+    # running it again would register its sites, edits and metrics a second time.
+    loaded = _module_from_file(path / "__init__.py" if package else path)
+    if loaded is not None:
+        return loaded
     name = path.parent.name if package else path.stem
     existing = sys.modules.get(name)
-    if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
-        return existing
     if existing is not None or not name.isidentifier():
         name = "nnexp_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
         if name in sys.modules:

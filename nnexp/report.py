@@ -83,13 +83,15 @@ def _experiment_reference(spec: dict) -> str:
     return experiment["class"]
 
 
-def reproduce_command(spec: dict) -> str:
+def reproduce_command(spec: dict, experiment=None) -> str:
     """`nnexp run ...` with every parameter that differs from the experiment's default,
     the model, dtype, data file, checkpoint and limit: the command that recomputes the
-    run (into the same directory name, since that is a hash of the same things)."""
+    run (into the same directory name, since that is a hash of the same things).
+    `experiment`: the run's own object, when there is one (else rebuilt from the spec)."""
     from .experiment import experiment_from_spec
 
-    experiment = experiment_from_spec(spec["experiment"])
+    if experiment is None:
+        experiment = experiment_from_spec(spec["experiment"])
     try:
         defaults = type(experiment)()
     except Exception:  # noqa: BLE001 - an experiment without usable defaults: give every parameter
@@ -325,7 +327,7 @@ def render(results, experiment, rows: list[dict] | None, figures: dict | None, e
                  + _table([(k, v or "not installed") for k, v in versions.items()], ("library", "version"))
                  + _table(_timing_rows(run) + [(k, _value_text(v)) for k, v in batching.items()]
                           + [("backend", _value_text(run.get("backend")))]) + "</section></div>")
-    parts.append("<h2>Reproduce</h2><pre id=\"reproduce\">" + esc(reproduce_command(spec)) + "</pre>"
+    parts.append("<h2>Reproduce</h2><pre id=\"reproduce\">" + esc(reproduce_command(spec, experiment)) + "</pre>"
                  f"<p>or continue this run where it is: <code>nnexp resume {esc(shlex.quote(str(results.path)))}</code></p>")
     parts.append("<h2>Summary</h2>" + _summary_html(rows, experiment.ci, experiment.n_boot, len(results)))
 

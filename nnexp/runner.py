@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -435,7 +436,11 @@ def run(
         "examples_computed": chunks.computed, "figures_s": round(finished - computed, 2),
         "total_s": round(finished - started, 2)})
     results.spec = directory.read_spec()
-    write_run_report(experiment, results, directory, rows, drawn)
+    try:
+        write_run_report(experiment, results, directory, rows, drawn)
+    except Exception as error:  # noqa: BLE001 - every example is stored; the page alone failed
+        warnings.warn(f"could not write the run's report ({type(error).__name__}: {error}); the results are "
+                      f"stored, and `nnexp report {directory.path}` tries again", RuntimeWarning, stacklevel=2)
     return results
 
 

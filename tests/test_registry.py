@@ -152,3 +152,24 @@ def test_every_kind_has_an_oracle_and_a_place_in_the_matrices(tmp_path):
         tree = ast.parse((REPO / path).read_text())
         assert test in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, (kind, oracle)
         assert isinstance(experiments[kind], nnexp.KINDS.get(kind)), kind
+
+
+@pytest.mark.fast
+def test_a_file_already_imported_under_another_name_is_not_run_again(tmp_path, monkeypatch):
+    """An experiment file is imported again to rebuild a run's experiment (resume, the
+    report): a module already loaded from that file, under any name, is reused, so its
+    registrations do not run twice."""
+    import importlib.util
+
+    from nnexp.registry import import_file
+
+    path = tmp_path / "my_experiment.py"
+    path.write_text("import nnexp\n\n@nnexp.register_edit('twice_test_edit', 'x')\ndef twice(x):\n    return x\n")
+    # the file's registration lands in a copy of the registry, gone after the test
+    monkeypatch.setattr(nnexp.EDITS, "_entries", dict(nnexp.EDITS._entries))
+    monkeypatch.setattr(nnexp.EDITS, "_descriptions", dict(nnexp.EDITS._descriptions))
+    spec = importlib.util.spec_from_file_location("pkg.my_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pkg.my_experiment", module)
+    spec.loader.exec_module(module)
+    assert import_file(path) is module  # not run again: a second registration would raise

@@ -278,3 +278,15 @@ def test_a_users_own_figure_files_land_in_the_run_and_nowhere_else(run, monkeypa
     assert run.path / "figures" / "mean-roles-resid_post.html" in written and "mean-roles-resid_post" in drawn
     assert set(example_figures(experiment, run, [run[1]])[1]) == {"resid_post", "head_out"}
     assert own.read_text() == f"<p>{N_EXAMPLES} examples</p>"
+
+
+def test_a_report_that_fails_does_not_fail_the_run(gpt2_tiny, tmp_path, monkeypatch):
+    import nnexp.report
+
+    def broken(*args, **kwargs):
+        raise ValueError("a figure that cannot be drawn")
+
+    monkeypatch.setattr(nnexp.report, "build_report", broken)
+    with pytest.warns(RuntimeWarning, match="could not write the run's report .*a figure that cannot be drawn.*nnexp report"):
+        results = nnexp.run(IOIPatching(dataset="classic"), gpt2_tiny, out=tmp_path / "run", limit=1, figures=False)
+    assert len(results) == 1 and not (tmp_path / "run" / "report.html").exists()
