@@ -8,7 +8,8 @@ Sections: IOI patching sweeps against the floor, nnsight's per-invoke pattern, a
 of traces and TransformerLens (bench/patching_sweeps.py); all-layer attribution
 against a per-layer loop and Inseq (bench/attribution.py); dataset throughput over
 1,000 CounterFact-style facts (bench/throughput.py); the memory budget
-(bench/budget.py). Timings are medians over interleaved repetitions; every contender's
+(bench/budget.py); prefix sharing on against off and the naive floor
+(bench/prefix_sharing.py, `--sections sharing`). Timings are medians over interleaved repetitions; every contender's
 numbers are checked against nnexp's first. Prints markdown tables (and writes them
 to --out).
 """
@@ -25,10 +26,11 @@ import torch
 
 from nnexp import console
 
-from . import attribution, budget, patching_sweeps, throughput
+from . import attribution, budget, patching_sweeps, prefix_sharing, throughput
 from .common import bench_model, machine
 
-SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget}
+SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget,
+            "sharing": prefix_sharing}
 
 
 def main(argv=None) -> None:
@@ -48,6 +50,8 @@ def main(argv=None) -> None:
     parser.add_argument("--loop-layers", type=int, default=0, help="layers the per-layer loops are timed on (0: all)")
     parser.add_argument("--examples", type=int, default=1000, help="facts in the throughput dataset")
     parser.add_argument("--batches", default="1,16,64", help="examples per trace in the throughput section")
+    parser.add_argument("--facts-per-kind", dest="facts_per_kind", type=int, default=2,
+                        help="facts the sharing section's causal tracing and knockout run on")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
