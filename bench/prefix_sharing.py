@@ -73,10 +73,9 @@ def _sweeps(model, args):
 
 
 def _facts(model, args):
-    for label, experiment in (
-        ("attention knockout (every window centre)", AttentionKnockoutExperiment()),
-        ("causal tracing (3 sites, window 10, 10 samples)", CausalTracingExperiment()),
-    ):
+    kinds = {"knockout": ("attention knockout (every window centre)", AttentionKnockoutExperiment()),
+             "tracing": ("causal tracing (3 sites, window 10, 10 samples)", CausalTracingExperiment())}
+    for label, experiment in (kinds[part] for part in args.sharing_parts if part in kinds):
         compiled, items = {}, None
         for sharing in (False, True):
             compiled[sharing] = dataclasses.replace(experiment, prefix_sharing=sharing).compile(model)
@@ -111,5 +110,6 @@ def _facts(model, args):
 
 
 def run(model, args, folder):
-    yield from _sweeps(model, args)
+    if "sweeps" in args.sharing_parts:
+        yield from _sweeps(model, args)
     yield from _facts(model, args)

@@ -52,13 +52,20 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,16,64", help="examples per trace in the throughput section")
     parser.add_argument("--facts-per-kind", dest="facts_per_kind", type=int, default=2,
                         help="facts the sharing section's causal tracing and knockout run on")
+    parser.add_argument("--sharing-parts", dest="sharing_parts", default="sweeps,knockout,tracing",
+                        help="the sharing section's parts: sweeps (IOI), knockout, tracing (causal tracing)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps timings compute-bound on a shared machine")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.sweeps = args.sweeps.split(",")
+    args.sharing_parts = args.sharing_parts.split(",")
     unknown = set(args.sweeps) - set(patching_sweeps.SWEEPS)
     if unknown:
         parser.error(f"unknown sweeps {sorted(unknown)}; choose from {', '.join(patching_sweeps.SWEEPS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console.set_quiet(True)
     model = bench_model(args.model, args.device, args.dtype)
     if args.loop_layers <= 0:

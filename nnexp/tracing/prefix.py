@@ -203,6 +203,10 @@ class PackedLayout:
             base_tokens = sum(lengths[:n_base])
             cap = max(sharing.pack_tokens, 4 * base_tokens)
             variants = list(range(n_base, len(runs)))
+            # as few packs as the cap allows, filled evenly (packs are right-padded to the longest)
+            total = sum(lengths[n_base:])
+            n_packs = max(1, math.ceil(total / (cap - base_tokens)))
+            cap = base_tokens + math.ceil(total / n_packs)
             while True:
                 pack = len(segments)
                 members = list(range(n_base))
