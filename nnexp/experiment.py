@@ -47,6 +47,8 @@ class Experiment:
         prefix_sharing: compute each edited run only from the first position where it
             departs from a base run (`nnexp.tracing.prefix`; the default); False runs
             every row in full (for comparison, or for a model that cannot take it).
+            It applies to the kinds whose traces are edited runs (patching, the
+            knockouts, causal tracing, declared interventions); the others ignore it.
         (ci and n_boot change summaries and figures, and prefix_sharing how fast the
         same numbers come, not stored numbers, so none is part of a run's identity.)
 
