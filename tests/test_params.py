@@ -357,3 +357,12 @@ def test_specs_and_run_identities_are_unchanged():
     # nor does prefix sharing, which changes how fast the numbers come, not what they are
     other = nnexp.EXPERIMENTS["ioi-patching"](prefix_sharing=False)
     assert run_id({**spec, "experiment": other.spec()}) == "run-a30feb7889"
+
+
+def test_prefix_sharing_is_on_unless_turned_off(cli):
+    assert cli("ioi-patching")[1].prefix_sharing is True
+    assert cli("ioi-patching", "--no-prefix-sharing")[1].prefix_sharing is False
+    assert cli("attention-knockout", "--set", "prefix_sharing=false")[1].prefix_sharing is False
+    # causal tracing keeps it off unless asked (see its docstring)
+    assert cli("causal-tracing")[1].prefix_sharing is False
+    assert cli("causal-tracing", "--set", "prefix_sharing=true")[1].prefix_sharing is True
