@@ -9,7 +9,8 @@ of traces and TransformerLens (bench/patching_sweeps.py); all-layer attribution
 against a per-layer loop and Inseq (bench/attribution.py); dataset throughput over
 1,000 CounterFact-style facts (bench/throughput.py); the memory budget
 (bench/budget.py); attribution patching's screening against the exact head sweep
-(bench/attribution_patching.py). Timings are medians over interleaved repetitions; every contender's
+(bench/attribution_patching.py); prefix sharing on against off and the naive floor
+(bench/prefix_sharing.py, `--sections sharing`). Timings are medians over interleaved repetitions; every contender's
 numbers are checked against nnexp's first. Prints markdown tables (and writes them
 to --out).
 """
@@ -26,11 +27,11 @@ import torch
 
 from nnexp import console
 
-from . import attribution, attribution_patching, budget, patching_sweeps, throughput
+from . import attribution, attribution_patching, budget, patching_sweeps, prefix_sharing, throughput
 from .common import bench_model, machine
 
 SECTIONS = {"patching": patching_sweeps, "attribution": attribution, "throughput": throughput, "budget": budget,
-            "atp": attribution_patching}
+            "atp": attribution_patching, "sharing": prefix_sharing}
 
 
 def main(argv=None) -> None:
@@ -53,13 +54,22 @@ def main(argv=None) -> None:
     parser.add_argument("--atp-rows", type=int, default=128, help="rows per trace of the exact head sweep (atp section)")
     parser.add_argument("--atp-exact-traces", type=int, default=3,
                         help="traces of the exact head sweep to time and scale from (0: all)")
+    parser.add_argument("--facts-per-kind", dest="facts_per_kind", type=int, default=2,
+                        help="facts the sharing section's causal tracing and knockout run on")
+    parser.add_argument("--sharing-parts", dest="sharing_parts", default="sweeps,knockout,tracing",
+                        help="the sharing section's parts: sweeps (IOI), knockout, tracing (causal tracing)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps timings compute-bound on a shared machine")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.sweeps = args.sweeps.split(",")
+    args.sharing_parts = args.sharing_parts.split(",")
     unknown = set(args.sweeps) - set(patching_sweeps.SWEEPS)
     if unknown:
         parser.error(f"unknown sweeps {sorted(unknown)}; choose from {', '.join(patching_sweeps.SWEEPS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console.set_quiet(True)
     model = bench_model(args.model, args.device, args.dtype)
     if args.loop_layers <= 0:

@@ -57,6 +57,8 @@ def _experiment_params(cls, args) -> dict:
         texts[option] = value
     if args.data is not None:
         texts["data"] = str(Path(args.data).expanduser().resolve())
+    if getattr(args, "no_prefix_sharing", False):
+        texts["prefix_sharing"] = "false"
     texts.update(_parse_set(args.set or []))
     # unknown names stay as given, for `from_params` to refuse with the list of parameters
     return {key: from_text(cls, key, text) if key in fields else text for key, text in texts.items()}
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--remote-model", dest="remote_model", default=None,
                      help="remote: the repo id the server knows the model by (default: the hub id, or the alias's "
                           "original checkpoint; needed for a local folder)")
+    run.add_argument("--no-prefix-sharing", dest="no_prefix_sharing", action="store_true",
+                     help="compute every edited run in full instead of from where it departs from its base run "
+                          "(the same numbers, slower; for comparison or models that cannot share prefixes)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="any other experiment parameter, read by its type: true/false, numbers, text as given, "
                           "lists comma-separated or as JSON, none; repeatable")

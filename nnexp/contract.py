@@ -57,7 +57,7 @@ class ChunkPlan:
     @property
     def rows(self) -> list[int]:
         """Rows of each job's trace."""
-        return [int(job.inputs["input_ids"].shape[0]) for job in self.jobs]
+        return [job.rows for job in self.jobs]
 
     @property
     def fingerprint(self) -> str:

@@ -44,8 +44,13 @@ class Experiment:
         ci: the coverage of the bootstrap intervals of every dataset-level number
             (0.95: 95% intervals; `nnexp.statistics`).
         n_boot: how many bootstrap resamples of the examples each interval is drawn from.
-        (ci and n_boot change summaries and figures, not stored numbers, so they are
-        not part of a run's identity.)
+        prefix_sharing: compute each edited run only from the first position where it
+            departs from a base run (`nnexp.tracing.prefix`; the default); False runs
+            every row in full (for comparison, or for a model that cannot take it).
+            It applies to the kinds whose traces are edited runs (patching, the
+            knockouts, causal tracing, declared interventions); the others ignore it.
+        (ci and n_boot change summaries and figures, and prefix_sharing how fast the
+        same numbers come, not stored numbers, so none is part of a run's identity.)
 
     Annotate every field precisely (`bool`, `int`, `tuple[int, ...] | None`...): the
     annotation is what a value is checked and coerced against (`nnexp.params`). A
@@ -60,6 +65,7 @@ class Experiment:
     data: str | None = None
     ci: float = DEFAULT_CI
     n_boot: int = DEFAULT_N_BOOT
+    prefix_sharing: bool = True
 
     def __post_init__(self) -> None:
         validate_fields(self)

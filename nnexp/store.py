@@ -65,6 +65,7 @@ def identity(spec: dict) -> dict:
     params.pop("data", None)  # the data file is identified by its content below
     for name in STATISTICS_PARAMS:  # how results are summarised (ci, n_boot), not what is computed
         params.pop(name, None)
+    params.pop("prefix_sharing", None)  # how fast the numbers come, not what they are
     data = {k: v for k, v in spec["data"].items() if k not in ("path", "n_examples")}
     model = spec["model"]
     return {

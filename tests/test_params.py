@@ -346,7 +346,7 @@ def test_specs_and_run_identities_are_unchanged():
     assert ioi.params() == {
         "data": None, "sites": ["resid_post", "attn_out", "mlp_out", "head_out"], "positions": "each",
         "head_positions": "all", "layers": None, "heads": None, "metric": "logit_diff", "skip_shared_prefix": True,
-        "dataset": "generated", "n_examples": 8, "seed": 0, "ci": 0.95, "n_boot": 1000,
+        "dataset": "generated", "n_examples": 8, "seed": 0, "ci": 0.95, "n_boot": 1000, "prefix_sharing": True,
     }
     spec = {"experiment": ioi.spec(), "data": {**ioi.data_source(), "n_examples": 8},
             "model": {"name": "smollm2-135m", "source": {"kind": "alias", "alias": "smollm2-135m"}, "dtype": "float32"}}
@@ -354,3 +354,15 @@ def test_specs_and_run_identities_are_unchanged():
     # the bootstrap settings summarise a run; they do not make another one
     other = nnexp.EXPERIMENTS["ioi-patching"](ci=0.9, n_boot=5000)
     assert run_id({**spec, "experiment": other.spec()}) == "run-a30feb7889"
+    # nor does prefix sharing, which changes how fast the numbers come, not what they are
+    other = nnexp.EXPERIMENTS["ioi-patching"](prefix_sharing=False)
+    assert run_id({**spec, "experiment": other.spec()}) == "run-a30feb7889"
+
+
+def test_prefix_sharing_is_on_unless_turned_off(cli):
+    assert cli("ioi-patching")[1].prefix_sharing is True
+    assert cli("ioi-patching", "--no-prefix-sharing")[1].prefix_sharing is False
+    assert cli("attention-knockout", "--set", "prefix_sharing=false")[1].prefix_sharing is False
+    # causal tracing keeps it off unless asked (see its docstring)
+    assert cli("causal-tracing")[1].prefix_sharing is False
+    assert cli("causal-tracing", "--set", "prefix_sharing=true")[1].prefix_sharing is True

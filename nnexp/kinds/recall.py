@@ -26,6 +26,7 @@ from ..labelled import LabelledTensor
 from ..results import ExampleRecord
 from ..tracing.execute import plan_job
 from ..tracing.memory import DEFAULT_MEMORY_BUDGET, forward_bytes_per_row, row_cost, rows_for_budget
+from ..tracing.prefix import prefix_sharing
 from ..tracing.runs import Run, build_plan, pack_runs
 from .facts import CompiledFactExperiment, FactExperiment, FactItem, TokenizedFact
 
@@ -152,9 +153,11 @@ class CompiledRunsExperiment(CompiledRecall):
             fact = item.fact
             base, variants = self.runs(fact)
             laid_out.append((fact.index, fact.ids, self.attribute_id(fact), fact.false_id, base, variants))
+        sharing = prefix_sharing(self.model, self.experiment.prefix_sharing,
+                                 max(len(item.fact.ids) for item in items))
         jobs, layout = [], []
         for trace in pack_runs(laid_out, row_limit):
-            trace_plan, firsts = build_plan(trace, self.pad_id, RUN_METRICS)
+            trace_plan, firsts = build_plan(trace, self.pad_id, RUN_METRICS, sharing)
             jobs.append(plan_job(trace_plan))
             layout.append([{"fact": group.key, "first": first, "base": len(group.runs) - len(group.variants),
                             "variants": group.variants} for group, first in zip(trace, firsts)])

@@ -60,17 +60,23 @@ def plan_job(plan: TracePlan) -> TraceJob:
         inputs=inputs,
         offsets=plan.metric_offsets,
         shape=tuple(plan.input_ids.shape),
+        metric_index=plan.metric_index,
+        readout=plan.readout,
     )
     job = TraceJob(_inputs(plan.input_ids, plan.attention_mask, plan.position_ids), body)
+    if plan.metric_index is not None:
+        job.runs = plan.n_rows
     if plan.metric_offsets is not None:
         # the logits of the last k positions, so that each row's metric position is among them
         job.options["logits_to_keep"] = int(plan.metric_offsets.max())
     return job
 
 
-def plan_body(nn, edits, metrics, inputs, offsets, shape):
+def plan_body(nn, edits, metrics, inputs, offsets, shape, metric_index=None, readout=None):
     """Apply a plan's operations in forward order; return [rows, metrics] on the CPU, or,
-    when the plan reads activations, {"metrics": [rows, metrics], "reads": {key: values}}."""
+    when the plan reads activations, {"metrics": [rows, metrics], "reads": {key: values}}.
+    A packed plan's metrics read the final norm's output at `metric_index` and apply the
+    unembedding there (the model's own logits cover its last position only)."""
     rows, tokens = shape
     reads = {}
     for group in _operation_groups(edits):
@@ -106,10 +112,13 @@ def plan_body(nn, edits, metrics, inputs, offsets, shape):
             read = edit.to(tensor.device).apply(tensor, point)
             if read is not None:
                 reads[edit.key] = read
-    logits = nn.output.logits
-    if offsets is None:
-        logits = logits[:, -1, :].float()
+    if metric_index is not None:
+        logits = _logits_at(nn, readout, metric_index)
+        rows = logits.shape[0]
+    elif offsets is None:
+        logits = nn.output.logits[:, -1, :].float()
     else:
+        logits = nn.output.logits
         kept = logits.shape[1]
         index = (kept - offsets).to(logits.device)
         logits = logits[torch.arange(rows, device=logits.device), index].float()
@@ -207,6 +216,23 @@ def read_point(nn, point: HookPoint, rows: int, tokens: int) -> torch.Tensor:
         return heads_to_features(_operation_tensor(args, point, rows, tokens))
     value = nn.get(point.module).output if point.io == "output" else nn.get(point.module).input
     return value if point.index is None else value[point.index]
+
+
+def _logits_at(nn, readout, metric_index) -> torch.Tensor:
+    """The next-token logits, in float32, at (row, token) `metric_index` [runs, 2]: the
+    final norm's output there through the unembedding (with the final logit softcapping
+    of the families that have one, as their forward applies it)."""
+    final_norm, unembed = readout
+    hidden = nn.get(final_norm).output
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    index = metric_index.to(hidden.device)
+    picked = hidden[index[:, 0], index[:, 1]]
+    head = nn.get(unembed)._module
+    logits = torch.nn.functional.linear(picked.to(head.weight.device), head.weight, head.bias)
+    cap = getattr(hf_module(nn).config, "final_logit_softcapping", None)
+    if cap:  # in the model's dtype, as its forward does
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
 
 
 def run_plans(model, plans: list[TracePlan]) -> list[torch.Tensor]:

@@ -39,12 +39,20 @@ TRACE_OPTIONS = {"use_cache": False, "logits_to_keep": 1}
 @dataclass
 class TraceJob:
     """One forward pass: `inputs` (input_ids, attention_mask, optionally position_ids,
-    on the CPU) and `body(nn) -> saved values`, run inside the trace."""
+    on the CPU) and `body(nn) -> saved values`, run inside the trace. `runs`: how many
+    rows its values have, when that is not its batch's (a packed plan's runs share the
+    batch's sequences, `nnexp.tracing.prefix`)."""
 
     inputs: dict[str, torch.Tensor]
     body: Callable[[Any], Any]
     grad: bool = False
     options: dict = field(default_factory=lambda: dict(TRACE_OPTIONS))
+    runs: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """The rows its values have: one per run."""
+        return self.runs if self.runs is not None else int(self.inputs["input_ids"].shape[0])
 
 
 class Executor(ABC):
@@ -108,7 +116,7 @@ def recording_rows(run: Callable[[list[TraceJob]], list], rows: list[int]) -> Ca
     or a memory budget produces."""
 
     def recording(jobs: list[TraceJob]) -> list:
-        rows.extend(job.inputs["input_ids"].shape[0] for job in jobs)
+        rows.extend(job.rows for job in jobs)
         return run(jobs)
 
     return recording

@@ -61,16 +61,18 @@ class CopyRows:
     source_rows: torch.Tensor
     positions: torch.Tensor
     heads: torch.Tensor | None = None
+    source_positions: torch.Tensor | None = None  # where the source's values sit; None: `positions`
 
     def apply(self, x: torch.Tensor, point: HookPoint) -> None:
+        sources = self.positions if self.source_positions is None else self.source_positions
         x[_selection(x, point, self.target_rows, self.positions, self.heads)] = \
-            x[_selection(x, point, self.source_rows, self.positions, self.heads)]
+            x[_selection(x, point, self.source_rows, sources, self.heads)]
 
     @classmethod
     def from_entries(cls, entries: dict) -> CopyRows:
         heads = torch.tensor(entries["heads"]) if entries.get("heads") else None
         return cls(torch.tensor(entries["rows"]), torch.tensor(entries["sources"]), torch.tensor(entries["positions"]),
-                   heads)
+                   heads, _positions(entries))
 
     def to(self, device) -> CopyRows:
         return CopyRows(
@@ -78,6 +80,7 @@ class CopyRows:
             self.source_rows.to(device),
             self.positions.to(device),
             None if self.heads is None else self.heads.to(device),
+            _to(self.source_positions, device),
         )
 
 
@@ -134,6 +137,13 @@ def _selection(x: torch.Tensor, point: HookPoint, rows: torch.Tensor, positions:
     return rows.unsqueeze(1), positions.unsqueeze(1), columns
 
 
+def _positions(entries: dict) -> torch.Tensor | None:
+    """The source positions of a copy's or a rewrite's entries, when they differ from
+    their targets' (a packed plan, `nnexp.tracing.prefix`)."""
+    sources, targets = entries.get("source_positions"), entries.get("positions")
+    return torch.tensor(sources) if sources and sources != targets else None
+
+
 def _stack_params(params: list[dict]) -> dict[str, torch.Tensor]:
     """Per-entry parameters (one dict per entry) as one tensor per name, [entries, ...]."""
     if not params or not params[0]:
@@ -162,12 +172,14 @@ class RewriteRows:
     heads: torch.Tensor | None = None
     sources: torch.Tensor | None = None
     params: dict = field(default_factory=dict)
+    source_positions: torch.Tensor | None = None  # where the sources' values sit; None: `positions`
 
     def apply(self, x: torch.Tensor, point: HookPoint) -> None:
         index = _selection(x, point, self.rows, self.positions, self.heads)
         kwargs = {name: value.to(x.device) for name, value in self.params.items()}
         if self.sources is not None:
-            kwargs["source"] = x[_selection(x, point, self.sources, self.positions, self.heads)].float()
+            where = self.positions if self.source_positions is None else self.source_positions
+            kwargs["source"] = x[_selection(x, point, self.sources, where, self.heads)].float()
         x[index] = self.fn(x[index].float(), **kwargs).to(x.dtype)
 
     @classmethod
@@ -175,11 +187,12 @@ class RewriteRows:
         heads = torch.tensor(entries["heads"]) if entries.get("heads") else None
         sources = torch.tensor(entries["sources"]) if entries.get("sources") else None
         return cls(entries["fn"], torch.tensor(entries["rows"]), torch.tensor(entries["positions"]), heads, sources,
-                   _stack_params(entries["params"]))
+                   _stack_params(entries["params"]), _positions(entries) if sources is not None else None)
 
     def to(self, device) -> RewriteRows:
         return RewriteRows(self.fn, self.rows.to(device), self.positions.to(device), _to(self.heads, device),
-                           _to(self.sources, device), {name: value.to(device) for name, value in self.params.items()})
+                           _to(self.sources, device), {name: value.to(device) for name, value in self.params.items()},
+                           _to(self.source_positions, device))
 
 
 @register_operation("read", "read the selected vectors (or their projection on a direction) and return them")
@@ -221,41 +234,46 @@ def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
 @register_operation("block", "block attention from the last position to given key positions (knockout)")
 @dataclass
 class BlockAttention:
-    """Block attention from the last position to `keys[i]` in row `rows[i]`.
+    """Block attention from the last position (or, with `queries`, from the query
+    index `queries[i]`) to the keys `keys[i]` in row `rows[i]`.
 
     Applied to the attention mask an attention module receives (an "attention_mask"
     hook point), so each row gets its own edges and every other row is untouched.
     The mask is edited in its own form: an additive float mask (eager attention)
-    gets the dtype's minimum at the blocked (last query, key) pairs, so those
+    gets the dtype's minimum at the blocked (query, key) pairs, so those
     pre-softmax scores become the minimum; a boolean mask (SDPA) gets False there,
     which SDPA turns into -inf. Either way the blocked keys get exactly zero weight.
     Where the model passes no mask (SDPA without padding relies on `is_causal`),
-    the causal mask is built first.
+    the causal mask is built first. `queries` is how a packed plan
+    (`nnexp.tracing.prefix`) names the packed index of a run's last position.
     """
 
     rows: torch.Tensor
     keys: torch.Tensor  # [entries, tokens] bool, padded coordinates
+    queries: torch.Tensor | None = None  # [entries]; None: the last position
 
     def edit_mask(self, mask: torch.Tensor | None, rows: int, tokens: int, device) -> torch.Tensor:
         if mask is None:
             mask = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()[None, None]
         # never edit in place: every layer shares the mask the model built
         mask = mask.expand(rows, *mask.shape[1:]).clone() if mask.shape[0] == 1 else mask.clone()
-        blocked = torch.zeros(rows, mask.shape[-1], dtype=torch.bool, device=mask.device)
-        blocked[self.rows, : self.keys.shape[1]] = self.keys
-        last = mask[:, :, -1, :]
+        queries = torch.full_like(self.rows, mask.shape[-2] - 1) if self.queries is None else self.queries
+        blocked = torch.zeros(len(self.rows), mask.shape[-1], dtype=torch.bool, device=mask.device)
+        blocked[:, : self.keys.shape[1]] = self.keys
+        current = mask[self.rows, :, queries, :]  # [entries, mask heads, keys]
         if mask.dtype == torch.bool:
-            mask[:, :, -1, :] = last & ~blocked[:, None, :]
+            mask[self.rows, :, queries, :] = current & ~blocked[:, None, :]
         else:
-            mask[:, :, -1, :] = last.masked_fill(blocked[:, None, :], torch.finfo(mask.dtype).min)
+            mask[self.rows, :, queries, :] = current.masked_fill(blocked[:, None, :], torch.finfo(mask.dtype).min)
         return mask
 
     @classmethod
     def from_entries(cls, entries: dict) -> BlockAttention:
-        return cls(torch.tensor(entries["rows"]), torch.stack(entries["keys"]))
+        queries = torch.tensor(entries["queries"]) if entries.get("queries") else None
+        return cls(torch.tensor(entries["rows"]), torch.stack(entries["keys"]), queries)
 
     def to(self, device) -> BlockAttention:
-        return BlockAttention(self.rows.to(device), self.keys.to(device))
+        return BlockAttention(self.rows.to(device), self.keys.to(device), _to(self.queries, device))
 
 
 @dataclass
@@ -274,6 +292,14 @@ class TracePlan:
         reference_rows: [rows], the row each row's metrics compare with (a metric that
             needs a reference, e.g. KL divergence to the clean run); None: none.
         answer_sets: [rows, k] token ids, -1 for none (metrics over a set of answers).
+        positions: explicit position ids, [rows, tokens] (packed plans); None: counted
+            from each row's first real token.
+        metric_index: [runs, 2], the (row, token) whose next-token logits each run's
+            metrics read (packed plans, `nnexp.tracing.prefix`: the rows are packed
+            sequences, the attention mask is [rows, 1, tokens, tokens]); None: each row
+            is one run, read at its last position or `metric_offsets`.
+        readout: (final norm, unembedding) module paths through which a packed plan's
+            metrics compute the logits at `metric_index`.
     """
 
     input_ids: torch.Tensor
@@ -285,6 +311,9 @@ class TracePlan:
     metric_offsets: torch.Tensor | None = None
     reference_rows: torch.Tensor | None = None
     answer_sets: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    metric_index: torch.Tensor | None = None
+    readout: tuple[str, str] | None = None
 
     @property
     def reads(self) -> list[str]:
@@ -293,11 +322,15 @@ class TracePlan:
 
     @property
     def n_rows(self) -> int:
-        return self.input_ids.shape[0]
+        """The runs the plan computes (one metric row each)."""
+        return self.input_ids.shape[0] if self.metric_index is None else self.metric_index.shape[0]
 
     @property
     def position_ids(self) -> torch.Tensor | None:
-        """Positions counted from each row's first real token (None without padding)."""
+        """Positions counted from each row's first real token (None without padding), or
+        the plan's explicit ones."""
+        if self.positions is not None:
+            return self.positions
         if bool(self.attention_mask.all()):
             return None
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)

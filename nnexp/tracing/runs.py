@@ -38,6 +38,7 @@ import torch
 from ..errors import ConfigError
 from ..sites import HookPoint
 from .plan import OPERATIONS, TracePlan, group_edits, left_pad
+from .prefix import PackedLayout, PrefixSharing
 
 
 @dataclass
@@ -103,64 +104,87 @@ def pack_runs(examples: list[tuple[object, list[int], int, int, list[Run], list[
 READ_STEP = 1 << 20
 
 
-def build_plan(groups: list[RunGroup], pad_id: int, metric) -> tuple[TracePlan, list[int]]:
-    """The trace plan of `groups`, and the first row of each group."""
-    sequences, answer, foil, firsts, runs = [], [], [], [], []
+def build_plan(groups: list[RunGroup], pad_id: int, metric,
+               sharing: PrefixSharing | None = None) -> tuple[TracePlan, list[int]]:
+    """The trace plan of `groups`, and the first row of each group. With `sharing`
+    (`nnexp.tracing.prefix`), the runs are packed so that each computes only the tokens
+    where it departs from a base run; without, each row is a left-padded run in full."""
+    sequences, answer, foil, firsts, runs, bases = [], [], [], [], [], []
     for group in groups:
         firsts.append(len(sequences))
         sequences += [group.ids if run.ids is None else run.ids for run in group.runs]
         answer += [group.answer] * len(group.runs)
         foil += [group.foil] * len(group.runs)
         runs += group.runs
-    input_ids, attention_mask, offsets = left_pad(sequences, pad_id)
-    width = input_ids.shape[1]
+        bases.append(len(group.runs) - len(group.variants))
+    layout = _PaddedLayout(sequences, pad_id)
+    if sharing is not None:
+        packed = PackedLayout([sequences[f : f + len(g.runs)] for g, f in zip(groups, firsts)],
+                              [g.runs for g in groups], bases, pad_id, sharing)
+        # packing pays when runs share prefixes; where they share none (every edit at the
+        # first position), the rows in full are the cheaper trace
+        if packed.input_ids.numel() < layout.input_ids.numel():
+            layout = packed
+        else:
+            sharing = None
+    width = layout.input_ids.shape[1]
 
     # flat entries per (hook point, operation, per head or not, function, step): rows,
-    # positions, sources / heads / values / parameters / key masks. The step is the edit's
-    # place among its run's edits at that hook point, so that edits of one run at one
-    # hook point apply in the order they were declared.
+    # positions, sources / heads / values / parameters / key masks, in the layout's
+    # coordinates (a left-padded row, or a pack and a packed index). The step is the
+    # edit's place among its run's edits at that hook point, so that edits of one run at
+    # one hook point apply in the order they were declared.
     entries: dict = defaultdict(lambda: defaultdict(list))
     for group, first in zip(groups, firsts):
         for r, run in enumerate(group.runs):
             row = first + r
-            offset = offsets[row]
             steps: dict = defaultdict(int)
             for edit in run.edits:
                 OPERATIONS.get(edit.kind)  # an unknown operation fails here, naming the known ones
                 source = first + edit.source
-                if (edit.kind == "copy" or edit.with_source) and offsets[source] != offset:
+                if (edit.kind == "copy" or edit.with_source) and len(sequences[source]) != len(sequences[row]):
                     raise ValueError("a run that reads another run's activations must have as many tokens as it")
                 step = READ_STEP if edit.kind == "read" else steps[edit.point]
                 steps[edit.point] += edit.kind != "read"
                 slot = entries[(edit.point, edit.kind, edit.head is not None, edit.fn, edit.key, step)]
                 if edit.kind == "block":
-                    keys = torch.zeros(width, dtype=torch.bool)
-                    keys[[offset + p for p in edit.positions]] = True
-                    slot["rows"].append(row)
-                    slot["keys"].append(keys)
+                    last = len(sequences[row]) - 1
+                    for pack, query in layout.places(row, last, True):
+                        keys = torch.zeros(width, dtype=torch.bool)
+                        keys[[layout.coordinate(row, p, pack) for p in edit.positions]] = True
+                        slot["rows"].append(pack)
+                        slot["keys"].append(keys)
+                        slot["queries"].append(query)
                     continue
-                n = len(edit.positions)
-                slot["rows"] += [row] * n
-                slot["positions"] += [offset + p for p in edit.positions]
-                if edit.head is not None:
-                    slot["heads"] += [edit.head] * n
-                if edit.kind == "copy" or edit.with_source:
-                    slot["sources"] += [source] * n
+                changes = edit.kind != "read"
+                for i, p in enumerate(edit.positions):
+                    for pack, index in layout.places(row, p, changes):
+                        slot["rows"].append(pack)
+                        slot["positions"].append(index)
+                        if edit.head is not None:
+                            slot["heads"].append(edit.head)
+                        if edit.kind == "copy" or edit.with_source:
+                            source_row, source_index = layout.source_place(source, p, pack)
+                            slot["sources"].append(source_row)
+                            slot["source_positions"].append(source_index)
+                        if edit.kind == "rewrite":
+                            slot["params"].append(edit.params or {})
+                        elif edit.kind == "read" and edit.values is not None:  # a probe direction per position
+                            slot["directions"].append(edit.values[i])
+                        elif edit.kind in ("add", "set"):
+                            slot["values"].append(edit.values[i : i + 1])
                 if edit.kind == "rewrite":
                     slot["fn"] = edit.fn
-                    slot["params"] += [edit.params or {}] * n
                 elif edit.kind == "read":
                     slot["key"] = edit.key
-                    if edit.values is not None:  # a probe direction per position
-                        slot["directions"] += list(edit.values)
-                elif edit.kind in ("add", "set"):
-                    slot["values"].append(edit.values)
     edits: dict[HookPoint, list] = defaultdict(list)
     for (point, kind, _, _, _, _step), slot in sorted(entries.items(), key=lambda entry: entry[0][5]):
+        if kind != "read" and not slot["rows"]:
+            continue  # every entry fell in shared prefixes: nothing to change
         edits[point].append(OPERATIONS.get(kind).from_entries(slot))
     plan = TracePlan(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=layout.input_ids,
+        attention_mask=layout.attention_mask,
         edits=group_edits(edits),
         metric=metric,
         answer_ids=torch.tensor(answer),
@@ -170,12 +194,33 @@ def build_plan(groups: list[RunGroup], pad_id: int, metric) -> tuple[TracePlan, 
         plan.reference_rows = torch.tensor([first + (run.reference if run.reference is not None else r)
                                             for group, first in zip(groups, firsts)
                                             for r, run in enumerate(group.runs)])
-    if any(run.metric_offset != 1 for run in runs):
+    if sharing is not None:
+        plan.positions = layout.position_ids
+        plan.readout = (sharing.final_norm, sharing.unembed)
+        plan.metric_index = torch.tensor([layout.places(row, len(sequences[row]) - run.metric_offset, False)[0]
+                                          for row, run in enumerate(runs)])
+    elif any(run.metric_offset != 1 for run in runs):
         plan.metric_offsets = torch.tensor([run.metric_offset for run in runs])
     if any(run.answers for run in runs):
         k = max(len(run.answers) for run in runs)
         plan.answer_sets = torch.tensor([list(run.answers) + [-1] * (k - len(run.answers)) for run in runs])
     return plan, firsts
+
+
+class _PaddedLayout:
+    """Every run a row of its own, left-padded: position p of row r is (r, pad + p)."""
+
+    def __init__(self, sequences: list[list[int]], pad_id: int) -> None:
+        self.input_ids, self.attention_mask, self.offsets = left_pad(sequences, pad_id)
+
+    def coordinate(self, row: int, p: int, pack: int) -> int:
+        return self.offsets[row] + p
+
+    def places(self, row: int, p: int, changes: bool) -> list[tuple[int, int]]:
+        return [(row, self.offsets[row] + p)]
+
+    def source_place(self, source: int, p: int, pack: int) -> tuple[int, int]:
+        return source, self.offsets[source] + p
 
 
 def window(layer: int, size: int, n_layers: int) -> list[int]:

@@ -48,6 +48,7 @@ from ...tracing.jobs import function_modules
 from ...tracing.memory import DEFAULT_MEMORY_BUDGET, forward_bytes_per_row, row_cost, rows_for_budget
 from ...tracing.plan import left_pad
 from ...tracing.runs import Run as PlannedRun
+from ...tracing.prefix import prefix_sharing
 from ...tracing.runs import RunEdit, build_plan, pack_runs
 from .examples import InterventionExample, load_intervention_examples
 
@@ -589,9 +590,11 @@ class CompiledInterventions(CompiledExperiment):
             runs = [self.lower(item, row) for row in item.rows]
             laid_out.append((item.index, item.ids, item.answer_id, item.foil_id, runs[: item.n_base],
                              runs[item.n_base :]))
+        sharing = prefix_sharing(self.model, self.experiment.prefix_sharing,
+                                 max(len(row.ids) for item in items for row in item.rows))
         jobs, layout = [], []
         for trace in pack_runs(laid_out, row_limit):
-            trace_plan, firsts = build_plan(trace, self.pad_id, self.metric_names)
+            trace_plan, firsts = build_plan(trace, self.pad_id, self.metric_names, sharing)
             jobs.append(plan_job(trace_plan))
             reads: dict[str, list] = defaultdict(list)  # key -> [row, entries] in the order the trace returns them
             for group, first in zip(trace, firsts):

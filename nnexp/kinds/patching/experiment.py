@@ -47,6 +47,7 @@ from ...sites import check_heads, check_layers, check_selection, check_site, is_
 from ...tracing.execute import plan_job
 from ...tracing.memory import rows_for_budget
 from ...tracing.plan import TracePlan
+from ...tracing.prefix import prefix_sharing
 from ...tracing.runs import Run, RunEdit, build_plan, pack_runs
 
 
@@ -241,9 +242,11 @@ class CompiledPatching(CompiledExperiment):
             base, variants = self._runs(item)
             examples.append((item.index, item.pair.clean_ids, item.pair.answer_id, item.pair.foil_id, base, variants))
         cells = {item.index: item.run_cells for item in items}
+        sharing = prefix_sharing(self.model, self.experiment.prefix_sharing,
+                                 max(item.pair.n_tokens for item in items))
         plans, layout = [], []
         for trace in pack_runs(examples, row_limit):
-            plan, firsts = build_plan(trace, self.pad_id, self.experiment.metric)
+            plan, firsts = build_plan(trace, self.pad_id, self.experiment.metric, sharing)
             plans.append(plan)
             layout.append([[group.key, first, [cells[group.key][v] for v in group.variants]]
                            for group, first in zip(trace, firsts)])
