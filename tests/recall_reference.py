@@ -236,8 +236,9 @@ def attribute_token_ids(tokenizer, strings):
 
 # --------------------------------------------------------------------------- 3. sublayer knockout
 
-def sublayer_ablation(hf, ids, attr, site, layers, positions, values):
-    """(p(attr), rank) with `site` at `positions` of each layer replaced by zeros or values[layer].
+def sublayer_ablation(hf, ids, attr, site, layers, positions, values, with_logits=False):
+    """(p(attr), rank) with `site` at `positions` of each layer replaced by zeros or values[layer]
+    (and the last position's logits, with_logits=True).
 
     positions: a list of ints, or "all" / "last"; values: None (zero) or anything indexable by
     layer giving a [d] vector ({layer: tensor}, or sublayer_means' [L, d]).
@@ -255,6 +256,8 @@ def sublayer_ablation(hf, ids, attr, site, layers, positions, values):
             return _replace_first(output, tensor)
         hooks.append((_site_module(hf, site, layer), ablate))
     logits = _run(hf, ids, hooks=hooks)[0]
+    if with_logits:
+        return _prob(logits, attr), _rank(logits, attr), logits
     return _prob(logits, attr), _rank(logits, attr)
 
 

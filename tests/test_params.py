@@ -363,6 +363,7 @@ def test_prefix_sharing_is_on_unless_turned_off(cli):
     assert cli("ioi-patching")[1].prefix_sharing is True
     assert cli("ioi-patching", "--no-prefix-sharing")[1].prefix_sharing is False
     assert cli("attention-knockout", "--set", "prefix_sharing=false")[1].prefix_sharing is False
-    # causal tracing keeps it off unless asked (see its docstring)
-    assert cli("causal-tracing")[1].prefix_sharing is False
-    assert cli("causal-tracing", "--set", "prefix_sharing=true")[1].prefix_sharing is True
+    # every planned kind shares by default
+    assert cli("causal-tracing")[1].prefix_sharing is True
+    assert cli("sublayer-knockout")[1].prefix_sharing is True
+    assert cli("causal-tracing", "--set", "prefix_sharing=false")[1].prefix_sharing is False

@@ -194,7 +194,12 @@ def test_causal_tracing_matches_reference(family_model):
                                   [layer] if site == "resid_post" else ref.window(layer, 2, n_layers), position)
                 for position in range(len(ids))] for layer in range(n_layers)])
             assert_close(record[f"{site}.prob"].values, expected, f"example {record.index} {site} restored")
-            assert_close(record[site].values, expected - p_corrupted, f"example {record.index} {site} indirect effect")
+            # An indirect effect is the difference of two probabilities each held to 1e-4 of
+            # its scale above; on a random model it can be a thousandth of them, below their
+            # float32 rounding (which differs between a packed trace and rows in full), so it
+            # is held to the same absolute error as the probabilities it comes from.
+            assert_close(record[site].values, expected - p_corrupted, f"example {record.index} {site} indirect effect",
+                         atol=2e-4 * float(expected.abs().max()))
         # restoring the last block's output at the last position restores the clean run exactly
         assert record["resid_post.prob"].values[-1, -1].item() == pytest.approx(record.scalars["p_clean"], rel=1e-5)
 

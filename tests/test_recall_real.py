@@ -52,11 +52,15 @@ def test_smollm2_knockout_and_sublayer_knockout_match_reference(smollm2, facts):
             means = ref.sublayer_means(model.hf, all_ids, site)
             for pi, positions in enumerate(("all", "last")):
                 for li, layer in enumerate(layers):
-                    prob, rank = ref.sublayer_ablation(model.hf, record.info["ids"], record.info["attribute_id"], site,
-                                                       ref.window(layer, 9, 30), positions, means)
+                    prob, rank, logits = ref.sublayer_ablation(model.hf, record.info["ids"], record.info["attribute_id"],
+                                                               site, ref.window(layer, 9, 30), positions, means,
+                                                               with_logits=True)
                     what = f"example {record.index} {site} {positions} L{layer}"
                     assert_close(record["sublayer_knockout.prob"].values[si, pi, li], prob, what, atol=1e-6)
-                    assert record["sublayer_knockout.rank"].values[si, pi, li].item() == rank, what
+                    # exact but for tokens whose logits tie with the attribute's to float32 precision
+                    # (seen: 1580 against 1579), whose order any change of summation order may swap
+                    assert_rank_consistent(int(record["sublayer_knockout.rank"].values[si, pi, li]), logits,
+                                           record.info["attribute_id"], what)
 
 
 def test_smollm2_extraction_matches_reference(smollm2, facts):

@@ -64,12 +64,9 @@ class CausalTracingExperiment(RecallExperiment):
         noise_scale: noise std in units of the subject embeddings' std (default 3).
         noise_std: an absolute noise std instead (None = use noise_scale).
         layers: layers to restore (None = all).
-        prefix_sharing: off by default here (`nnexp.tracing.prefix`; on, a fact's
-            restored runs cost about half the tokens): packed traces round differently
-            from rows computed in full, by a float32 unit or two in the last place of
-            each probability, and an indirect effect is a difference of two
-            probabilities that can be a thousandth of either on a random model, where
-            that rounding exceeds the 1e-4 the reference comparison holds it to.
+        prefix_sharing: on by default, as for every kind (`nnexp.tracing.prefix`): a
+            fact's noised runs are computed from its first subject token and each
+            restored run from its restored position.
     """
 
     examples_per_trace: ClassVar[int] = 1
@@ -83,7 +80,6 @@ class CausalTracingExperiment(RecallExperiment):
     noise_scale: float = 3.0
     noise_std: float | None = None
     layers: tuple[int, ...] | None = None
-    prefix_sharing: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -50,11 +50,8 @@ class SublayerKnockoutExperiment(RecallExperiment):
         positions: "all" (every position) and/or "last" (the last position only).
         window: layers ablated together, centred on each layer (default 9).
         layers: window centres (None = every layer).
-        prefix_sharing: off by default here (`nnexp.tracing.prefix`; on, a last-position
-            ablation is one token): each run's rank of the attribute among every
-            token is compared exactly with a reference, and a packed trace's float32
-            rounding (a unit in the last place) can swap two tokens whose logits tie
-            to that precision (seen once on SmolLM2: rank 1580 against 1579).
+        prefix_sharing: on by default, as for every kind (`nnexp.tracing.prefix`): a
+            last-position ablation computes one token.
     """
 
     examples_per_trace: ClassVar[int] = 4
@@ -65,7 +62,6 @@ class SublayerKnockoutExperiment(RecallExperiment):
     positions: tuple[str, ...] = POSITIONS
     window: int = 9
     layers: tuple[int, ...] | None = None
-    prefix_sharing: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
