@@ -17,7 +17,7 @@ from .ioi import builtin_pairs, check_builtin
 @dataclass
 class IOIAttributionPatching(AttributionPatchingExperiment):
     name = "ioi-attribution-patching"
-    description = "attribution patching (AtP, AtP* GradDrop) on IOI, top cells verified by exact patching"
+    description = "attribution patching (AtP, AtP*: GradDrop and the QK fix) on IOI, top cells verified by exact patching"
 
     # Built-in data: "generated" (seeded, all templates) or "classic" (TransformerLens' 8 prompts).
     dataset: str = "generated"
