@@ -222,13 +222,17 @@ def run(model, args, folder):
     device = model.device
     tl = TransformerLensSweep(model, folder) if args.transformer_lens else None
     for title, options in (SWEEPS[name] for name in args.sweeps):
-        compiled = PatchingExperiment(**options).compile(model)
+        # nnexp runs as it does by default (prefix sharing: `bench/prefix_sharing.py` measures
+        # it on and off); the other contenders run the same rows in full, from its plan without
+        # sharing
+        shared = PatchingExperiment(**options).compile(model)
+        compiled = PatchingExperiment(prefix_sharing=False, **options).compile(model)
         item = compiled.prepare(PAIR, 0)
         [plan], _ = compiled.trace_plans([item], None)
         reference = run_plan(model, plan)
         contenders = {
             FLOOR: partial(floor, model, plan),
-            NNEXP: partial(compiled.run, [item]),
+            NNEXP: partial(shared.run, [shared.prepare(PAIR, 0)]),
             INVOKES: partial(per_invoke, model, compiled, item),
         }
         n_cells = plan.n_rows - 2
@@ -264,7 +268,7 @@ def run(model, args, folder):
 
 
 FLOOR = "floor: one plain forward, raw PyTorch hooks"
-NNEXP = "nnexp: one trace"
+NNEXP = "nnexp: one trace (prefix sharing)"
 INVOKES = "nnsight: one invoke per patched run"
 TRACES = "nnsight: a loop of separate traces (scaled from a sample)"
 TL = "TransformerLens: one forward per cell (scaled from a sample)"
