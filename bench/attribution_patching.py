@@ -63,9 +63,11 @@ def run(model, args, folder) -> list[Table]:
     exact = PatchingExperiment(sites=("head_out",), head_positions="each").compile(model)
     exact_item = exact.prepare(PAIR, 0)
     plan = exact.plan([exact_item], args.atp_rows)
-    total_rows = sum(plan.rows)
     timed = plan.jobs if args.atp_exact_traces <= 0 else plan.jobs[: args.atp_exact_traces]
-    timed_rows = sum(int(job.inputs["input_ids"].shape[0]) for job in timed)
+    # with prefix sharing a trace's rows are packed sequences of different lengths: scale
+    # the timed traces to the sweep by the tokens they compute
+    total_tokens = sum(int(job.inputs["input_ids"].numel()) for job in plan.jobs)
+    timed_tokens = sum(int(job.inputs["input_ids"].numel()) for job in timed)
 
     def sweep():
         model.executor.run(timed)
@@ -75,7 +77,7 @@ def run(model, args, folder) -> list[Table]:
                              args.reps, device)
     # the sweep is long: fewer repetitions (its rows all cost the same, so its noise is small)
     times["sweep"] = time_interleaved({"sweep": sweep}, max(1, min(args.reps, 2)), device, warmup=0)["sweep"]
-    sweep_time = times["sweep"] * total_rows / timed_rows
+    sweep_time = times["sweep"] * total_tokens / timed_tokens
     unit = times["pair"]
     n_cells = len(item.patch.run_cells)
     table = Table(f"Attribution patching: every head x position cell of one IOI pair ({n_cells} cells, "
@@ -91,15 +93,17 @@ def run(model, args, folder) -> list[Table]:
               ratio(times["atp_qkv"], unit), "")
     table.add("AtP* screening of head_out and every q, k, v cell (GradDrop, QK fix of every q and k cell)",
               times["star_qkv"], ratio(times["star_qkv"], unit), "")
-    scaled = "" if timed_rows == total_rows else f", scaled from {timed_rows} rows timed"
-    table.add(f"exact sweep, nnexp activation patching ({total_rows} rows in traces of {args.atp_rows}{scaled})",
+    scaled = "" if timed_tokens == total_tokens else f", scaled from {len(timed)} of its {len(plan.jobs)} traces"
+    table.add(f"exact sweep, nnexp activation patching ({n_cells} cells, {total_tokens} tokens in {len(plan.jobs)} "
+              f"traces{scaled})",
               sweep_time, ratio(sweep_time, unit), "1.00x")
     table.notes += [
         "forward-pass equivalent: one plain no-grad forward of the pair (clean and corrupted, 2 rows), Hugging Face "
         "model, no hooks",
         "screening times include building the nnsight trace and returning every cell's estimate to the CPU",
-        "exact sweep: cells inside the prefix the prompts share are not run (exact no-ops); prefix sharing has not "
-        "landed",
+        "exact sweep: nnexp's activation patching as it runs by default: cells inside the prefix the prompts share "
+        "are not run (exact no-ops), and each patched run computes its tokens from the cell's position on "
+        "(prefix sharing)",
         "the q, k, v rows have no exact sweep of their own here: the 'vs' column compares head_out sweeps only",
     ]
     return [table]
